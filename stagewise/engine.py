@@ -1,0 +1,159 @@
+"""The inference engine: batched generation with a KV cache, and log-probs of given responses.
+
+It works on lists of token ids and knows nothing of tokenization or chat formats. Prompts are
+left-padded so they all end at the same cache position: one prefill for the batch, then one
+decode step per new token for the rows still running.
+"""
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from stagewise.errors import StagewiseError
+from stagewise.model import KVCache, Transformer
+from stagewise.sampling import sample
+
+# (step, logits (R, V), rows, generated) -> logits (R, V). See `generate`.
+LogitsProcessor = Callable[[int, torch.Tensor, list[int], list[list[int]]], torch.Tensor]
+
+
+def _check_ids(seqs: list[list[int]], what: str, vocab_size: int, allow_empty: bool) -> None:
+    for i, s in enumerate(seqs):
+        if not allow_empty and len(s) == 0:
+            raise StagewiseError(f"engine: {what} {i} is empty; it needs at least one token")
+        for t in s:
+            if not 0 <= t < vocab_size:
+                raise StagewiseError(f"engine: {what} {i} has token id {t}, outside the vocabulary [0, {vocab_size})")
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             stop_ids: Iterable[int] = (), seed: int | None = None,
+             logits_processor: LogitsProcessor | None = None) -> list[list[int]]:
+    """Continue each prompt; return the new tokens of each, in prompt order.
+
+    A row stops at the first token in `stop_ids`, which is kept as its last token, or after
+    `max_new_tokens`. So a response ended by a stop token iff `out and out[-1] in stop_ids`.
+    temperature 0 is greedy; otherwise sampling with optional top-k / top-p. With `seed`, sampling
+    uses its own generator and the output is reproducible; without, torch's global RNG.
+
+    logits_processor, if given, is called once per step before sampling as
+        logits_processor(step, logits, rows, generated) -> logits
+    step: 0 for the first new token. logits: (R, V) float, one row per running prompt.
+    rows: the prompt index (into `prompts`) of each logits row; finished prompts drop out.
+    generated: the new tokens so far of every prompt, indexed by prompt (read it, don't change
+    it): at step s the token chosen at step s-1 for prompt r is generated[r][-1], which is how a
+    grammar matcher advances. Return (R, V) logits to sample from; set forbidden tokens to -inf
+    (editing `logits` in place and returning it is fine). A row must keep some finite logit.
+    """
+    if not prompts:
+        return []
+    base = getattr(model, "_orig_mod", model)  # a torch.compile'd model runs; its config lives here
+    cfg = base.cfg
+    _check_ids(prompts, "prompt", cfg.vocab_size, allow_empty=False)
+    if max_new_tokens <= 0:
+        return [[] for _ in prompts]
+    lengths = [len(p) for p in prompts]
+    B, P = len(prompts), max(lengths)
+    if P + max_new_tokens > cfg.max_seq_len:
+        raise StagewiseError(f"engine: longest prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) "
+                             f"exceeds the model's max_seq_len {cfg.max_seq_len}")
+    stop = set(stop_ids)
+    device = base.lm_head.weight.device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    idx = torch.tensor([[0] * (P - n) + p for p, n in zip(prompts, lengths)], dtype=torch.long, device=device)
+    cache = KVCache(cfg, B, P + max_new_tokens, dtype=base.lm_head.weight.dtype, device=device)
+    padded = min(lengths) != P
+    if padded:
+        # valid[b, s]: may cache slot s be attended to? Pads never; generated slots always.
+        valid = torch.ones(B, P + max_new_tokens, dtype=torch.bool, device=device)
+        for b, n in enumerate(lengths):
+            valid[b, :P - n] = False
+        positions = (valid[:, :P].long().cumsum(-1) - 1).clamp(min=0)  # (B, P) real tokens from 0
+        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        # A pad query sees only itself: its output is unused, but a row with nothing to attend gives NaN.
+        mask = (causal & valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)  # (B, P, P)
+        logits = model(idx, kv_cache=cache, positions=positions, attn_mask=mask[:, None], last_only=True)
+        next_pos = torch.tensor(lengths, device=device)  # (B,) RoPE position of the next token
+    else:
+        logits = model(idx, kv_cache=cache, last_only=True)
+    logits = logits[:, -1]  # (B, V)
+
+    rows = list(range(B))
+    out: list[list[int]] = [[] for _ in range(B)]
+    for step in range(max_new_tokens):
+        if logits_processor is not None:
+            logits = logits_processor(step, logits, rows, out)
+        tok = sample(logits, temperature, top_k, top_p, generator)  # (R,)
+        keep = []
+        for j, (r, t) in enumerate(zip(rows, tok.tolist())):
+            out[r].append(t)
+            if t not in stop:
+                keep.append(j)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(rows):
+            # Finished rows leave the batch: smaller matmuls from here on.
+            keep_t = torch.tensor(keep, device=device)
+            rows = [rows[j] for j in keep]
+            tok = tok.index_select(0, keep_t)
+            cache.select_rows(keep_t)
+            if padded:
+                valid, next_pos = valid.index_select(0, keep_t), next_pos.index_select(0, keep_t)
+        if padded:
+            S = cache.pos + 1
+            logits = model(tok[:, None], kv_cache=cache, positions=next_pos[:, None],
+                           attn_mask=valid[:, None, None, :S])  # mask (R, 1, 1, S)
+            next_pos += 1
+        else:
+            logits = model(tok[:, None], kv_cache=cache)  # (R, 1, V)
+        logits = logits[:, -1]
+    return out
+
+
+def sequence_logprobs(model: Transformer, prompts: list[list[int]], responses: list[list[int]],
+                      *, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of each response token given its prompt and the response before it.
+
+    Returns (logprobs, mask), both (B, R) with R the longest response: logprobs[b, j] is
+    log p(responses[b][j] | prompts[b] + responses[b][:j]) for j < len(responses[b]), 0 after;
+    mask is True on real tokens. The sequence log-prob is `logprobs.sum(-1)`. Logits are divided
+    by `temperature` first (match the sampling temperature in PPO). Gradients flow when enabled,
+    so the same call serves training (PPO/DPO) and evaluation (wrap it in torch.no_grad()).
+    """
+    if len(prompts) != len(responses):
+        raise StagewiseError(f"engine: {len(prompts)} prompts but {len(responses)} responses")
+    base = getattr(model, "_orig_mod", model)
+    cfg = base.cfg
+    _check_ids(prompts, "prompt", cfg.vocab_size, allow_empty=False)
+    _check_ids(responses, "response", cfg.vocab_size, allow_empty=True)
+    device = base.lm_head.weight.device
+    B = len(prompts)
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    T = max(len(s) for s in seqs)
+    if T > cfg.max_seq_len:
+        raise StagewiseError(f"engine: prompt + response of {T} tokens exceeds max_seq_len {cfg.max_seq_len}")
+    R = max(len(r) for r in responses)
+    # Right padding: real tokens start at position 0 and pads come after them, so the plain
+    # causal mask is already right and no attention mask is needed.
+    idx = torch.tensor([s + [0] * (T - len(s)) for s in seqs], dtype=torch.long, device=device)  # (B, T)
+    targets = torch.full((B, T), -100, dtype=torch.long, device=device)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        # logits at position t predict token t+1
+        targets[b, len(p) - 1:len(p) - 1 + len(r)] = torch.tensor(r, dtype=torch.long)
+    logits = model(idx)  # (B, T, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                          reduction="none").view(B, T)  # 0 where ignored
+    # Gather the response slice of each row into (B, R), aligned at its first response token.
+    start = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    cols = (start[:, None] + torch.arange(R, device=device)[None, :]).clamp(max=T - 1)  # (B, R)
+    mask = torch.arange(R, device=device)[None, :] < torch.tensor([len(r) for r in responses], device=device)[:, None]
+    logprobs = -nll.gather(1, cols) * mask
+    return logprobs, mask
