@@ -241,6 +241,8 @@ class Decoder(nn.Module):
         start = 0 if kv_cache is None else kv_cache.pos
         if start + T > self.cfg.max_seq_len:
             raise StagewiseError(f"model: sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        if kv_cache is not None and start + T > kv_cache.max_len:
+            raise StagewiseError(f"model: {start + T} tokens do not fit a KV cache of {kv_cache.max_len}")
         if positions is None:
             cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hd)
         else:
