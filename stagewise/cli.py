@@ -15,6 +15,7 @@ from stagewise.errors import StagewiseError
 # verb -> (module, one-line help). Verbs appear here as they are built.
 VERBS = {
     "data": ("stagewise.world.command", "write the embedded world as JSONL"),
+    "pretrain": ("stagewise.stages.pretrain", "train a tokenizer and a model from nothing by next-token prediction"),
 }
 
 

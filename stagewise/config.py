@@ -148,10 +148,15 @@ def resolve(cls: type[T], section: str, preset: str | None, overrides: list[str]
             config = from_dict(cls, data, base=config)
         except StagewiseError as e:
             raise StagewiseError(f"preset {preset}, section {section}: {e}") from None
+    return resolve_overrides(config, overrides)
+
+
+def resolve_overrides(config: T, overrides: list[str]) -> T:
+    """`config` with each `key=value` override applied in order, validated."""
     for text in overrides:
         path, value = parse_override(text)
         try:
-            config = from_dict(cls, nest(path, value), base=config)
+            config = from_dict(type(config), nest(path, value), base=config)
         except StagewiseError as e:
             raise StagewiseError(f"override {text!r}: {e}") from None
     return config

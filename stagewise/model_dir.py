@@ -10,8 +10,10 @@ load it too:
     generation_config.json   eos_token_id lists <|im_end|> and <|endoftext|>
     lineage.json             the stages that produced this model, oldest first
 
-A directory is written whole into a temporary sibling and renamed into place, so a crash
-never leaves a half-written directory under the target name.
+The files are written whole into a temporary sibling first. A new directory is renamed into
+place; into an existing one (an older model, or the working directory of a stage with its
+checkpoints and metrics) the files are moved one by one with `lineage.json` last, so a crash
+never leaves a directory that looks complete but is not.
 """
 
 import json
@@ -37,6 +39,11 @@ def is_model_dir(path: str | Path) -> bool:
     return p.is_dir() and all((p / f).is_file() for f in REQUIRED_FILES)
 
 
+def _is_working_dir(path: Path) -> bool:
+    """An empty directory, or one a stage is training into (it holds `train_state/`)."""
+    return path.is_dir() and (not any(path.iterdir()) or (path / "train_state").is_dir())
+
+
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
@@ -60,7 +67,7 @@ def save_model_dir(path: str | Path, model: Transformer, tokenizer: Tokenizer, l
     cfg = model.cfg
     if tokenizer.vocab_size > cfg.vocab_size:
         raise StagewiseError(f"{path}: tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {cfg.vocab_size}")
-    if path.exists() and not is_model_dir(path) and not (path.is_dir() and not any(path.iterdir())):
+    if path.exists() and not (is_model_dir(path) or _is_working_dir(path)):
         raise StagewiseError(f"{path}: exists and is not a model directory; refusing to replace it")
     try:
         lineage_json = json.dumps(list(lineage), indent=2) + "\n"
@@ -89,14 +96,16 @@ def save_model_dir(path: str | Path, model: Transformer, tokenizer: Tokenizer, l
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists():
-        # Move the old one aside first: a crash in between leaves the old copy under a hidden name.
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-        path.rename(old)
+    if not path.exists():
         tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(path)
+        return path
+    # Into an existing directory (a previous model, or a stage's working directory holding its
+    # checkpoints and metrics), file by file. lineage.json goes first and comes back last, so
+    # until every file is in place the directory does not look like a model directory.
+    (path / "lineage.json").unlink(missing_ok=True)
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "lineage.json"):
+        os.replace(f, path / f.name)
+    tmp.rmdir()
     return path
 
 

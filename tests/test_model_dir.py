@@ -65,7 +65,7 @@ def test_save_replaces_an_existing_model_dir(tmp_path, tok):
     loaded, _, lineage = load_model_dir(path)
     assert lineage == [{"stage": "b"}]
     assert torch.equal(loaded.model.embed_tokens.weight, new.model.embed_tokens.weight)
-    assert siblings(path) == []  # no temporary or old copies left behind
+    assert siblings(path) == []  # no temporary copies left behind
 
 
 def test_save_refuses_to_replace_other_directories(tmp_path, tok):
@@ -145,3 +145,12 @@ def test_not_a_directory_raises(tmp_path):
         load_model_dir(tmp_path / "absent")
     with pytest.raises(StagewiseError, match="missing config.json"):
         load_model_dir(tmp_path)
+
+
+def test_save_into_a_stage_working_directory_keeps_its_files(tmp_path, tok):
+    path = tmp_path / "m"
+    (path / "train_state").mkdir(parents=True)
+    (path / "metrics.jsonl").write_text('{"step": 1}\n')
+    save_model_dir(path, tiny_model(), tok, [{"stage": "a"}])
+    assert is_model_dir(path) and (path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert siblings(path) == []

@@ -1,0 +1,67 @@
+"""Batches for training: packed sequences for pre-training, padded examples for fine-tuning.
+
+Both are deterministic for a seed and resumable: their whole position is a small dict
+(`state_dict`) that a checkpoint stores, so a resumed run sees exactly the batches an
+uninterrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def pack(documents: list[list[int]], separator: int) -> torch.Tensor:
+    """Concatenate tokenized documents into one stream, each followed by `separator`."""
+    flat: list[int] = []
+    for ids in documents:
+        flat.extend(ids)
+        flat.append(separator)
+    return torch.tensor(flat, dtype=torch.long)
+
+
+class PackedBatches:
+    """Windows of seq_len + 1 tokens cut from one token stream, in a shuffled order that is
+    redrawn every epoch. Each batch is (inputs, targets), both (batch_size, seq_len)."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, seed: int):
+        self.n_windows = (len(tokens) - 1) // seq_len
+        if self.n_windows < batch_size:
+            raise ValueError(f"{len(tokens)} tokens make {self.n_windows} windows of {seq_len}, "
+                             f"fewer than one batch of {batch_size}")
+        self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
+        self.offsets = torch.arange(seq_len + 1)
+        self.epoch, self.cursor = 0, 0
+        self.order = self._order(0)
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.n_windows, generator=g)
+
+    def __len__(self) -> int:
+        """Batches per epoch (a partial last batch is dropped)."""
+        return self.n_windows // self.batch_size
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cursor + self.batch_size > self.n_windows:
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self.order = self._order(self.epoch)
+        windows = self.order[self.cursor:self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        chunk = self.tokens[windows[:, None] * self.seq_len + self.offsets]  # (B, T + 1)
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self.order = self._order(self.epoch)
+
+
+def eval_windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """Consecutive, non-overlapping windows of seq_len + 1 tokens for evaluation: (N, T + 1)."""
+    n = (len(tokens) - 1) // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    starts = torch.arange(n) * seq_len
+    return tokens[starts[:, None] + torch.arange(seq_len + 1)]

@@ -1,0 +1,1 @@
+"""One module per training stage; each is a command of the same name."""

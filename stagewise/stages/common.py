@@ -1,0 +1,84 @@
+"""Small pieces every stage command shares: its arguments, config resolution, the output
+directory's rules, data hashing and the embedded world's data. Not a base class: each stage
+calls what it needs and owns its loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import shutil
+from functools import lru_cache
+from pathlib import Path
+
+from stagewise import config
+from stagewise.cli import add_config_arguments
+from stagewise.errors import StagewiseError
+from stagewise.world.build import DataConfig, build
+
+TRAIN_STATE = "train_state"
+
+
+def add_stage_arguments(parser: argparse.ArgumentParser, *, parent: bool) -> None:
+    if parent:
+        parser.add_argument("--from", dest="parent", required=True, type=Path, help="model directory to start from")
+    parser.add_argument("--out", required=True, type=Path, help="model directory to write")
+    parser.add_argument("--data", nargs="+", type=Path, default=None,
+                        help="JSONL files in the TRL conventions; default: the embedded world")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the last checkpoint in --out (a finished stage is left as it is)")
+    add_config_arguments(parser)
+
+
+def resolve(cls, section: str, args: argparse.Namespace):
+    """The stage's config: defaults, the preset's `data` section as `world`, the preset's
+    own section, then overrides. Stage configs carry the world's config as field `world`."""
+    preset = args.preset or "default"
+    cfg = config.resolve(cls, section, preset, [])
+    world = config.resolve(DataConfig, "data", preset, [])
+    own = config.load_preset(preset).get(section) or {}
+    if "world" not in own:
+        cfg = dataclasses.replace(cfg, world=world)
+    return config.resolve_overrides(cfg, args.overrides)
+
+
+def prepare_out(out: Path, resume: bool) -> str:
+    """What to do with --out: "fresh", "resume" or "finished". Refuses to write over an
+    existing directory unless resuming, so nothing already written is damaged."""
+    state = out / TRAIN_STATE
+    if resume and state.is_dir():
+        return "resume"
+    if resume and (out / "lineage.json").is_file():
+        return "finished"
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if resume:
+            raise StagewiseError(f"{out}: exists but holds neither a checkpoint nor a finished model to resume")
+        raise StagewiseError(f"{out}: already exists and is not empty; pass --resume to continue it, "
+                             "or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return "fresh"
+
+
+def finish_out(out: Path, keep_train_state: bool) -> None:
+    if not keep_train_state:
+        shutil.rmtree(out / TRAIN_STATE, ignore_errors=True)
+
+
+def data_sha256(records: list) -> str:
+    h = hashlib.sha256()
+    for record in records:
+        h.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=2)
+def _world_data(world_json: str) -> tuple[dict, dict]:
+    return build(DataConfig(**json.loads(world_json)))
+
+
+def world_data(world: DataConfig) -> dict[str, list[dict]]:
+    """The embedded world's data sets for this config (built once per process)."""
+    return _world_data(json.dumps(dataclasses.asdict(world), sort_keys=True))[0]

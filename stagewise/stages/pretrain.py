@@ -1,0 +1,208 @@
+"""`stagewise pretrain`: a tokenizer and a Llama-style model trained from nothing by next-token
+prediction on packed sequences.
+
+Read top to bottom: the config, then `train` (data and tokenizer, model and optimizer, resume,
+the loop with periodic evaluation and atomic checkpoints, the final evaluation and the model
+directory with its lineage). Under torchrun it runs data-parallel with the same global batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from stagewise import checkpoint, data, distributed, evaluation, methods
+from stagewise.batching import PackedBatches, pack
+from stagewise.errors import StagewiseError
+from stagewise.model import ModelConfig, Transformer, weights_sha256
+from stagewise.model_dir import save_model_dir
+from stagewise.stages import common
+from stagewise.tokenizer import Tokenizer, train_tokenizer
+from stagewise.training import (MetricsLog, OptimConfig, Progress, Throughput, autocast_dtype, lr_at,
+                                make_optimizer, matmul_peak_flops, pick_device, rng_state, seed_everything,
+                                set_lr, set_rng_state)
+from stagewise.world.build import DataConfig, make_world
+
+
+@dataclass
+class PretrainConfig:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    world: DataConfig = field(default_factory=DataConfig)  # the data when --data is not given
+    seq_len: int = 256
+    batch_size: int = 16  # sequences per optimizer step, over all processes and micro-batches
+    grad_accum: int = 1  # micro-batches per step
+    max_steps: int = 1000
+    eval_every: int = 250
+    eval_windows: int = 64  # held-out windows of seq_len tokens per evaluation
+    heldout_share: float = 0.01  # of user documents, held out when --data is given
+    checkpoint_every: int = 100
+    log_every: int = 10
+    compile: bool = False
+    device: str = "auto"  # auto, cpu, cuda
+    dtype: str = "auto"  # auto (bf16 on GPUs, fp32 on CPUs), float32, bfloat16
+    keep_train_state: bool = False
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    common.add_stage_arguments(parser, parent=False)
+
+
+def command(args: argparse.Namespace) -> int:
+    cfg = common.resolve(PretrainConfig, "pretrain", args)
+    train(cfg, args.out, data_files=args.data, resume=args.resume)
+    return 0
+
+
+def load_texts(cfg: PretrainConfig, data_files: list[Path] | None) -> tuple[list[str], list[str], list]:
+    """(training texts, held-out texts, the records hashed into the lineage)."""
+    if data_files:
+        records = data.load(data_files, "text")
+        n_heldout = max(1, int(len(records) * cfg.heldout_share))
+        if len(records) <= n_heldout:
+            raise StagewiseError(f"{data_files[0]}: too few documents ({len(records)}) to hold some out")
+        texts = [r["text"] for r in records]
+        return texts[n_heldout:], texts[:n_heldout], records
+    world = common.world_data(cfg.world)
+    return [r["text"] for r in world["pretrain"]], [r["text"] for r in world["heldout_text"]], world["pretrain"]
+
+
+def tokenize(tokenizer: Tokenizer, texts: list[str]) -> torch.Tensor:
+    return pack(tokenizer.encode_batch(texts), tokenizer.endoftext_id)
+
+
+def train(cfg: PretrainConfig, out: Path, data_files: list[Path] | None = None, resume: bool = False,
+          log=print) -> Path:
+    started = methods.now()
+    t0 = time.time()
+    device = pick_device(cfg.device)
+    dist = distributed.setup(device)
+    device = distributed.device_for(device, dist)
+    main = dist is None or dist.is_main
+    say = log if main else (lambda *a, **k: None)
+    if cfg.batch_size % (cfg.grad_accum * (dist.world_size if dist else 1)):
+        raise StagewiseError(f"batch_size {cfg.batch_size} must be divisible by grad_accum x processes")
+
+    # Data first: bad input is refused before anything is written.
+    texts, heldout_texts, records = load_texts(cfg, data_files)
+    mode = common.prepare_out(out, resume) if main else "fresh"
+    if dist:
+        dist.barrier()
+    if mode == "finished":
+        say(f"pretrain: {out} is already finished; nothing to do")
+        return out
+    state_dir = out / common.TRAIN_STATE
+
+    # The tokenizer is trained once and stored with the checkpoints, so a resumed run
+    # tokenizes exactly as the interrupted one did.
+    if mode == "resume":
+        tokenizer = Tokenizer.load(state_dir / "tokenizer")
+    else:
+        tokenizer = train_tokenizer(texts, cfg.model.vocab_size)
+        if main:
+            tokenizer.save(state_dir / "tokenizer")
+    model_cfg = dataclasses.replace(cfg.model, max_seq_len=max(cfg.model.max_seq_len, cfg.seq_len))
+    tokens, heldout_tokens = tokenize(tokenizer, texts), tokenize(tokenizer, heldout_texts)
+    say(f"pretrain: {len(texts):,} documents, {len(tokens):,} tokens; held out {len(heldout_tokens):,} tokens; "
+        f"vocabulary {tokenizer.vocab_size}")
+
+    # Model, optimizer, batches.
+    seed_everything(cfg.seed)
+    model = Transformer(model_cfg).to(device)
+    optimizer = make_optimizer(model, cfg.optim)
+    batches = PackedBatches(tokens, cfg.seq_len, cfg.batch_size, cfg.seed)
+    step = 0
+    if mode == "resume":
+        state = checkpoint.load_latest(state_dir, warn=say)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            batches.load_state_dict(state["batches"])
+            set_rng_state(state["rng"])
+            step = state["step"]
+            say(f"pretrain: resumed at step {step}")
+    say(f"pretrain: {model.num_params():,} parameters ({model.num_params(exclude_embeddings=True):,} without "
+        f"embeddings), {cfg.max_steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens on {device}")
+
+    train_model = torch.compile(model) if cfg.compile else model
+    if dist:
+        train_model = distributed.wrap(train_model, dist, device)
+    amp = autocast_dtype(device, cfg.dtype)
+    per_rank = cfg.batch_size // (dist.world_size if dist else 1)
+    micro = per_rank // cfg.grad_accum
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=main)
+    meter = Throughput(model.flops_per_token(cfg.seq_len), matmul_peak_flops(device, amp or torch.float32))
+    progress = Progress("pretrain", cfg.max_steps, enabled=main)
+
+    def evaluate() -> float:
+        return evaluation.heldout_loss(model, heldout_tokens, cfg.seq_len, max_windows=cfg.eval_windows)
+
+    model.train()
+    while step < cfg.max_steps:
+        lr = lr_at(step, cfg.max_steps, cfg.optim)
+        set_lr(optimizer, lr)
+        x, y = batches.next()  # (B, T) global batch; this rank's share below
+        if dist:
+            x, y = dist.shard(x), dist.shard(y)
+        loss_sum = torch.zeros((), device=device)
+        for i in range(cfg.grad_accum):
+            xb, yb = x[i * micro:(i + 1) * micro].to(device), y[i * micro:(i + 1) * micro].to(device)
+            sync = dist is None or i == cfg.grad_accum - 1
+            with (train_model.no_sync() if not sync else contextlib.nullcontext()), \
+                    torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                _, loss = train_model(xb, yb)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        meter.add(cfg.batch_size * cfg.seq_len)
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            loss_value = loss_sum / cfg.grad_accum
+            if dist:
+                loss_value = dist.mean(loss_value)
+            tokens_per_s, mfu = meter.read()
+            record = {"step": step, "loss": loss_value.item(), "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu}
+            metrics.write(**record)
+            progress.update(step, loss=record["loss"], lr=lr, **{"tok/s": round(tokens_per_s), "MFU": mfu})
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and main:
+            metrics.write(step=step, heldout_loss=evaluate())
+        if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+            if main:
+                checkpoint.save(state_dir, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                                  "batches": batches.state_dict(), "rng": rng_state(), "step": step})
+            if dist:
+                dist.barrier()
+    progress.close()
+
+    if main:
+        final = {"heldout_loss": evaluate(), "steps": step, "tokens_seen": step * cfg.batch_size * cfg.seq_len,
+                 "seconds": round(time.time() - t0, 1)}
+        if not data_files:
+            world = make_world(cfg.world)
+            cloze = evaluation.fact_cloze(model, tokenizer, world.people)
+            heldout = [p for p in world.people if p.name in world.heldout_names]
+            final.update(cloze)
+            final["fact_cloze_heldout_people"] = evaluation.fact_cloze(model, tokenizer, heldout)["fact_cloze"]
+        metrics.write(step=step, **final)
+        say("pretrain: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items()))
+        entry = methods.lineage_entry(
+            "pretrain", parent=None, data_sha256=common.data_sha256(records),
+            config=dataclasses.asdict(cfg), metrics=final, weights_sha256=weights_sha256(model), started=started)
+        save_model_dir(out, model, tokenizer, [entry])
+        common.finish_out(out, cfg.keep_train_state)
+        say(f"pretrain: wrote {out}")
+    if dist:
+        dist.barrier()
+    distributed.teardown(dist)
+    return out

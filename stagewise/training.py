@@ -1,0 +1,182 @@
+"""Pieces every training stage calls, so that they cannot drift apart: the optimizer and its
+learning-rate schedule, seeding, the device and precision, throughput and MFU, the metrics log
+and the progress display. There is deliberately no Trainer class: each stage owns its loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine, linear or constant (after warm-up)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms), as nanoGPT and litgpt do."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine or linear decay to lr * min_lr_ratio."""
+    if cfg.schedule not in ("cosine", "linear", "constant"):
+        raise ValueError(f"unknown schedule {cfg.schedule!r}")
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "linear":
+        return cfg.lr - (cfg.lr - floor) * progress
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device, name: str) -> torch.dtype | None:
+    """bf16 on GPUs, fp32 on CPUs (bf16 matmuls are slow on CPUs without AVX-512)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"float32": None, "bfloat16": torch.bfloat16}[name]
+
+
+_PEAK: dict[tuple[str, torch.dtype], float] = {}
+
+
+def matmul_peak_flops(device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+                      n: int = 1024, seconds: float = 0.5) -> float:
+    """This machine's measured matmul throughput in FLOP/s: the denominator of MFU."""
+    key = (str(device), dtype)
+    if key not in _PEAK:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        a @ b  # warm-up
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            a @ b
+            reps += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        _PEAK[key] = 2 * n**3 * reps / (time.perf_counter() - start)
+    return _PEAK[key]
+
+
+class Throughput:
+    """Tokens per second and model FLOPs utilisation over the last interval."""
+
+    def __init__(self, flops_per_token: float, peak_flops: float):
+        self.flops_per_token, self.peak = flops_per_token, peak_flops
+        self.tokens, self.start = 0, time.perf_counter()
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def read(self) -> tuple[float, float]:
+        """(tokens/s, MFU) since the last read; resets the interval."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        tokens_per_s = self.tokens / elapsed
+        self.tokens, self.start = 0, time.perf_counter()
+        return tokens_per_s, tokens_per_s * self.flops_per_token / self.peak
+
+
+class MetricsLog:
+    """Appends one JSON object per line to `metrics.jsonl`, flushed as it goes, so that a crash
+    keeps every line written before it."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+
+    def write(self, **record) -> None:
+        if self.enabled:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class Progress:
+    """One status line per stage: a live line on a terminal, periodic lines in a log."""
+
+    def __init__(self, name: str, total: int, enabled: bool = True, stream=None):
+        self.name, self.total, self.enabled = name, total, enabled
+        self.stream = stream or sys.stdout
+        self.live = self.stream.isatty()
+        self.start = time.perf_counter()
+
+    def update(self, step: int, **values) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        done = step / max(self.total, 1)
+        eta = elapsed / done * (1 - done) if done > 0 else float("nan")
+        fields = "  ".join(f"{k} {_fmt(v)}" for k, v in values.items())
+        line = (f"{self.name} {step:>6}/{self.total} [{'#' * int(20 * done):<20}] {fields}  "
+                f"{_duration(elapsed)} elapsed, {_duration(eta)} left")
+        if self.live:
+            self.stream.write("\r" + line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.live:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e5):
+            return f"{value:.2e}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:  # NaN: not known yet
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s"
