@@ -59,7 +59,12 @@ class PackedBatches:
 
 
 def eval_windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
-    """Consecutive, non-overlapping windows of seq_len + 1 tokens for evaluation: (N, T + 1)."""
+    """Consecutive, non-overlapping windows of seq_len + 1 tokens for evaluation: (N, T + 1).
+    A stream shorter than one window gives one window of the whole stream."""
+    if len(tokens) < 2:
+        raise ValueError("need at least two tokens to evaluate next-token loss")
+    if len(tokens) <= seq_len:
+        return tokens[None, :]
     n = (len(tokens) - 1) // seq_len
     if max_windows is not None:
         n = min(n, max_windows)

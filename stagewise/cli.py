@@ -16,6 +16,7 @@ from stagewise.errors import StagewiseError
 VERBS = {
     "data": ("stagewise.world.command", "write the embedded world as JSONL"),
     "pretrain": ("stagewise.stages.pretrain", "train a tokenizer and a model from nothing by next-token prediction"),
+    "generate": ("stagewise.generate", "answer one prompt with a model directory"),
 }
 
 

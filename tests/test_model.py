@@ -1,7 +1,6 @@
 """The model: transformers parity, KV-cache decoding against full recomputation, loss, counts."""
 
 import math
-import os
 import random
 
 import pytest
@@ -176,7 +175,7 @@ def test_bad_shapes_raise():
         ModelConfig(n_embd=100, n_head=3)
 
 
-@pytest.mark.skipif(not os.environ.get("STAGEWISE_SLOW_TESTS"), reason="compiles for ~15 s; set STAGEWISE_SLOW_TESTS=1")
+@pytest.mark.slow  # compiles for ~15 s
 def test_compiled_model_matches_eager():
     model = tiny_model(n_kv_head=2).train()
     idx = torch.randint(0, 300, (2, 16))

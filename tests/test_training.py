@@ -1,0 +1,34 @@
+"""Shared training pieces: the schedule against hand-computed values, weight-decay groups."""
+
+import math
+
+import pytest
+import torch
+
+from stagewise.training import OptimConfig, lr_at, make_optimizer, matmul_peak_flops
+
+
+def test_warmup_then_cosine_to_the_floor():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
+    assert lr_at(0, 110, cfg) == pytest.approx(0.1)
+    assert lr_at(9, 110, cfg) == pytest.approx(1.0)
+    assert lr_at(10, 110, cfg) == pytest.approx(1.0)
+    assert lr_at(60, 110, cfg) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(110, 110, cfg) == pytest.approx(0.1)
+
+
+def test_linear_and_constant():
+    cfg = OptimConfig(lr=2.0, warmup_steps=0, min_lr_ratio=0.0, schedule="linear")
+    assert lr_at(25, 100, cfg) == pytest.approx(1.5)
+    assert lr_at(99, 100, OptimConfig(lr=2.0, warmup_steps=0, schedule="constant")) == 2.0
+
+
+def test_no_weight_decay_on_norms():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=True), torch.nn.LayerNorm(4))
+    decay, no_decay = make_optimizer(model, OptimConfig(weight_decay=0.1)).param_groups
+    assert [p.dim() for p in decay["params"]] == [2] and decay["weight_decay"] == 0.1
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_matmul_peak_is_positive():
+    assert matmul_peak_flops(n=128, seconds=0.05) > 1e6
