@@ -70,3 +70,53 @@ def eval_windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None = N
         n = min(n, max_windows)
     starts = torch.arange(n) * seq_len
     return tokens[starts[:, None] + torch.arange(seq_len + 1)]
+
+
+def targets_from_mask(ids: list[int], mask: list[bool]) -> list[int]:
+    """Next-token targets for a sequence, -100 wherever the next token is not trained on."""
+    return [ids[t + 1] if mask[t + 1] else -100 for t in range(len(ids) - 1)] + [-100]
+
+
+class ExampleBatches:
+    """Whole examples, one per row, right-padded to the longest in the batch (rounded up to a
+    multiple of `pad_multiple` so a compiled model sees few distinct shapes). Examples never
+    attend to each other: each row is one example and padding comes after it, so the plain
+    causal mask is exact. Shuffled every epoch; resumable like PackedBatches."""
+
+    def __init__(self, examples: list[tuple[list[int], list[bool]]], batch_size: int, seed: int, pad_id: int,
+                 pad_multiple: int = 16):
+        if len(examples) < batch_size:
+            raise ValueError(f"{len(examples)} examples are fewer than one batch of {batch_size}")
+        self.examples = [(ids, targets_from_mask(ids, mask)) for ids, mask in examples]
+        self.batch_size, self.seed, self.pad_id, self.pad_multiple = batch_size, seed, pad_id, pad_multiple
+        self.epoch, self.cursor = 0, 0
+        self.order = self._order(0)
+
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(len(self.examples), generator=g).tolist()
+
+    def __len__(self) -> int:
+        return len(self.examples) // self.batch_size
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cursor + self.batch_size > len(self.examples):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self.order = self._order(self.epoch)
+        rows = [self.examples[i] for i in self.order[self.cursor:self.cursor + self.batch_size]]
+        self.cursor += self.batch_size
+        width = max(len(ids) for ids, _ in rows)
+        width = -(-width // self.pad_multiple) * self.pad_multiple
+        x = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        y = torch.full((len(rows), width), -100, dtype=torch.long)
+        for r, (ids, targets) in enumerate(rows):
+            x[r, :len(ids)] = torch.tensor(ids)
+            y[r, :len(targets)] = torch.tensor(targets)
+        return x, y
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self.order = self._order(self.epoch)

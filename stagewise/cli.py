@@ -16,7 +16,12 @@ from stagewise.errors import StagewiseError
 VERBS = {
     "data": ("stagewise.world.command", "write the embedded world as JSONL"),
     "pretrain": ("stagewise.stages.pretrain", "train a tokenizer and a model from nothing by next-token prediction"),
+    "sft": ("stagewise.stages.sft", "instruction alignment: fine-tune on conversations, assistant tokens only"),
+    "eval": ("stagewise.eval", "measure a model on held-out prompts (SPEC section 5 metrics)"),
+    "diagnose": ("stagewise.diagnose", "tell from behaviour which stages a model went through, and what is next"),
     "generate": ("stagewise.generate", "answer one prompt with a model directory"),
+    "methods": ("stagewise.catalogue_cli", "print the method catalogue: stage, when applied, weights, needs"),
+    "advise": ("stagewise.advise", "recommend methods for a goal, the data at hand and whether weights may change"),
 }
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from stagewise import engine
-from stagewise.batching import eval_windows
+from stagewise.batching import ExampleBatches, eval_windows
 from stagewise.model import Transformer
 from stagewise.world.people import Person
 
@@ -32,6 +32,25 @@ def heldout_loss(model: Transformer, tokens: torch.Tensor, seq_len: int, batch_s
         loss = F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum")
         total += loss.item()
         count += chunk[:, 1:].numel()
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def masked_loss(model: Transformer, examples: list[tuple[list[int], list[bool]]], pad_id: int,
+                batch_size: int = 64) -> float:
+    """Mean loss per trained token (mask True) over examples, e.g. held-out conversations."""
+    device = next(model.parameters()).device
+    batches = ExampleBatches(examples, min(batch_size, len(examples)), seed=0, pad_id=pad_id)
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for _ in range(len(batches)):  # whole batches; a partial last batch is left out
+        x, y = batches.next()
+        logits = model(x.to(device))
+        y = y.to(device)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum").item()
+        count += int((y != -100).sum())
     model.train(was_training)
     return total / max(count, 1)
 

@@ -109,14 +109,18 @@ def save_model_dir(path: str | Path, model: Transformer, tokenizer: Tokenizer, l
     return path
 
 
-def load_model_dir(path: str | Path) -> tuple[Transformer, Tokenizer, list[dict]]:
-    """Read a model directory: (model in fp32 on CPU, tokenizer, lineage)."""
+def load_model_dir(path: str | Path, require_lineage: bool = True) -> tuple[Transformer, Tokenizer, list[dict] | None]:
+    """Read a model directory: (model in fp32 on CPU, tokenizer, lineage). With
+    require_lineage=False a directory without lineage.json (one written by another tool) loads
+    too, with lineage None."""
     path = Path(path)
     if not path.exists():
         raise StagewiseError(f"{path}: no such model directory")
     if not path.is_dir():
         raise StagewiseError(f"{path}: not a directory; expected a model directory")
     for f in REQUIRED_FILES:
+        if f == "lineage.json" and not require_lineage:
+            continue
         if not (path / f).is_file():
             raise StagewiseError(f"{path}: missing {f}; not a complete model directory")
 
@@ -129,8 +133,8 @@ def load_model_dir(path: str | Path) -> tuple[Transformer, Tokenizer, list[dict]
         raise StagewiseError(f"{path}: {e}") from None
     _read_json(path / "tokenizer_config.json")
     _read_json(path / "generation_config.json")
-    lineage = _read_json(path / "lineage.json")
-    if not isinstance(lineage, list):
+    lineage = _read_json(path / "lineage.json") if (path / "lineage.json").is_file() else None
+    if lineage is not None and not isinstance(lineage, list):
         raise StagewiseError(f"{path / 'lineage.json'}: expected a JSON list")
     tokenizer = Tokenizer.load(path)
     if tokenizer.vocab_size > cfg.vocab_size:

@@ -5,6 +5,7 @@ and the progress display. There is deliberately no Trainer class: each stage own
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -180,3 +181,27 @@ def _duration(seconds: float) -> str:
         return "?"
     minutes, secs = divmod(int(seconds), 60)
     return f"{minutes}m{secs:02d}s"
+
+
+def train_step(train_model: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               x: torch.Tensor, y: torch.Tensor, *, grad_accum: int, grad_clip: float, device: torch.device,
+               amp: torch.dtype | None, dist=None) -> torch.Tensor:
+    """One optimizer step on a batch (B, T) of inputs and next-token targets (-100 = no loss),
+    split into `grad_accum` micro-batches. `train_model` is what runs forward (compiled and/or
+    DDP-wrapped), `model` owns the parameters. Returns the mean micro-batch loss (detached).
+    Under DDP, gradients are synchronised only on the last micro-batch."""
+    micro = x.shape[0] // grad_accum
+    loss_sum = torch.zeros((), device=device)
+    for i in range(grad_accum):
+        xb, yb = x[i * micro:(i + 1) * micro].to(device), y[i * micro:(i + 1) * micro].to(device)
+        sync = dist is None or i == grad_accum - 1
+        with (train_model.no_sync() if not sync else contextlib.nullcontext()), \
+                torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            _, loss = train_model(xb, yb)
+            (loss / grad_accum).backward()
+        loss_sum += loss.detach()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / grad_accum

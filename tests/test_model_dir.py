@@ -154,3 +154,10 @@ def test_save_into_a_stage_working_directory_keeps_its_files(tmp_path, tok):
     save_model_dir(path, tiny_model(), tok, [{"stage": "a"}])
     assert is_model_dir(path) and (path / "metrics.jsonl").read_text() == '{"step": 1}\n'
     assert siblings(path) == []
+
+
+def test_a_directory_without_lineage_loads_when_lineage_is_optional(tmp_path, tok):
+    path = save_model_dir(tmp_path / "m", tiny_model(), tok, [{"stage": "a"}])
+    (path / "lineage.json").unlink()
+    model, _, lineage = load_model_dir(path, require_lineage=False)
+    assert lineage is None and model.cfg.vocab_size > 0

@@ -9,7 +9,6 @@ directory with its lineage). Under torchrun it runs data-parallel with the same 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from stagewise.stages import common
 from stagewise.tokenizer import Tokenizer, train_tokenizer
 from stagewise.training import (MetricsLog, OptimConfig, Progress, Throughput, autocast_dtype, lr_at,
                                 make_optimizer, matmul_peak_flops, pick_device, rng_state, seed_everything,
-                                set_lr, set_rng_state)
+                                set_lr, set_rng_state, train_step)
 from stagewise.world.build import DataConfig, make_world
 
 
@@ -135,8 +134,6 @@ def train(cfg: PretrainConfig, out: Path, data_files: list[Path] | None = None, 
     if dist:
         train_model = distributed.wrap(train_model, dist, device)
     amp = autocast_dtype(device, cfg.dtype)
-    per_rank = cfg.batch_size // (dist.world_size if dist else 1)
-    micro = per_rank // cfg.grad_accum
     metrics = MetricsLog(out / "metrics.jsonl", enabled=main)
     meter = Throughput(model.flops_per_token(cfg.seq_len), matmul_peak_flops(device, amp or torch.float32))
     progress = Progress("pretrain", cfg.max_steps, enabled=main)
@@ -151,26 +148,13 @@ def train(cfg: PretrainConfig, out: Path, data_files: list[Path] | None = None, 
         x, y = batches.next()  # (B, T) global batch; this rank's share below
         if dist:
             x, y = dist.shard(x), dist.shard(y)
-        loss_sum = torch.zeros((), device=device)
-        for i in range(cfg.grad_accum):
-            xb, yb = x[i * micro:(i + 1) * micro].to(device), y[i * micro:(i + 1) * micro].to(device)
-            sync = dist is None or i == cfg.grad_accum - 1
-            with (train_model.no_sync() if not sync else contextlib.nullcontext()), \
-                    torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                _, loss = train_model(xb, yb)
-                (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach()
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(train_model, model, optimizer, x, y, grad_accum=cfg.grad_accum,
+                          grad_clip=cfg.optim.grad_clip, device=device, amp=amp, dist=dist)
         step += 1
         meter.add(cfg.batch_size * cfg.seq_len)
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            loss_value = loss_sum / cfg.grad_accum
-            if dist:
-                loss_value = dist.mean(loss_value)
+            loss_value = dist.mean(loss) if dist else loss
             tokens_per_s, mfu = meter.read()
             record = {"step": step, "loss": loss_value.item(), "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu}
             metrics.write(**record)

@@ -249,6 +249,40 @@ def format_valid(reference: str, response: str) -> bool:
                else isinstance(value[k], str) for k in value)
 
 
+def attempts_answer(task: str, reference: str, response: str) -> bool:
+    """Does the response try to answer (rightly or wrongly) rather than continue the text?
+
+    A correct answer does. Otherwise the answer line has to have the shape of an answer of its
+    family: mostly French (or English) phrase-book words for a translation, a sum or a number
+    for arithmetic, a short line naming a city, job or age for facts, a JSON object for
+    json_record, the listed words or a count for word_ops. Forum chatter, a restated question
+    or a new instruction does not. `continuation_rate` counts the responses that do not.
+    """
+    if check(task, reference, response):
+        return True
+    line = answer_line(response)
+    words = re.findall(r"[^\W\d_]+", line.casefold())
+    if not line:
+        return False
+    if task in ("translate_en_fr", "translate_fr_en"):
+        known = lexicon.french_words() if task == "translate_en_fr" else lexicon.english_words()
+        return bool(words) and sum(w in known for w in words) / len(words) >= 0.6
+    if task == "arithmetic":
+        return re.fullmatch(r"(\d+ \+ \d+ = )?-?\d+\.?", line) is not None
+    if task == "facts":
+        names_value = any(re.search(rf"\b{re.escape(v)}\b", line) for v in CITIES + JOBS) or \
+            re.search(r"\b\d+ years old\b|^\d+\.?$", line) is not None
+        return names_value and len(words) <= 8
+    if task == "json_record":
+        return line.startswith("{")
+    if task == "word_ops":
+        if reference.isdigit():
+            return bool(_integers(line)) and len(words) <= 5
+        pool = {w.casefold() for w in WORDS}
+        return bool(words) and sum(w in pool for w in words) / len(words) >= 0.6
+    raise ValueError(f"unknown task {task!r}")
+
+
 def canonical_form(task: str, reference: str, response: str) -> bool:
     """Is the response shaped like the ideal answer (right or wrong)? The annotator's 'form'."""
     text = response.strip()
