@@ -57,7 +57,9 @@ def prepare_out(out: Path, resume: bool) -> str:
             raise StagewiseError(f"{out}: exists but holds neither a checkpoint nor a finished model to resume")
         raise StagewiseError(f"{out}: already exists and is not empty; pass --resume to continue it, "
                              "or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    # train_state/ marks the directory as a stage's working directory from the start, so the
+    # model directory can be written into it at the end.
+    (out / TRAIN_STATE).mkdir(parents=True, exist_ok=True)
     return "fresh"
 
 

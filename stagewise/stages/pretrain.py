@@ -101,7 +101,7 @@ def train(cfg: PretrainConfig, out: Path, data_files: list[Path] | None = None, 
 
     # The tokenizer is trained once and stored with the checkpoints, so a resumed run
     # tokenizes exactly as the interrupted one did.
-    if mode == "resume":
+    if mode == "resume" and (state_dir / "tokenizer" / "tokenizer.json").is_file():
         tokenizer = Tokenizer.load(state_dir / "tokenizer")
     else:
         tokenizer = train_tokenizer(texts, cfg.model.vocab_size)

@@ -1,0 +1,63 @@
+"""The eval harness and diagnose on tiny models: metric names, prompt formats, lineage."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from stagewise.eval import score_responses
+from stagewise.world import tasks
+
+
+def test_scores_from_hand_written_responses():
+    records = [{"task": "arithmetic", "prompt": "What is 2 + 3?", "reference": "2 + 3 = 5."},
+               {"task": "arithmetic", "prompt": "What is 4 + 4?", "reference": "4 + 4 = 8."},
+               {"task": "json_record", "prompt": "x", "reference": '{"name": "Lola"}'},
+               {"task": "word_ops", "prompt": "y", "reference": "3"}]
+    responses = ["2 + 3 = 5.", "\nbob: I have the same homework", 'Here: {"name": "Lola"}', "4"]
+    scores = score_responses(records, responses, judge=lambda p, r: 0.5)
+    assert scores["per_task"] == {"arithmetic": 0.5, "json_record": 1.0, "word_ops": 0.0}
+    assert scores["instruction_following"] == 0.5
+    assert scores["continuation_rate"] == 0.25  # only the forum chatter continued the text
+    assert scores["format_valid"] == 0.0 and scores["gold_reward"] == 0.5
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "stagewise", *args], capture_output=True, text=True)
+
+
+def test_eval_json_for_a_base_and_a_chat_model(smoke_base, smoke_sft):
+    for model, fmt in ((smoke_base, "raw"), (smoke_sft, "chat")):
+        result = run("eval", "--model", str(model), "--preset", "smoke", "--json")
+        assert result.returncode == 0, result.stderr
+        metrics = json.loads(result.stdout)
+        assert metrics["prompt_format"] == fmt
+        for key in ("heldout_loss", "instruction_following", "continuation_rate", "per_task", "gold_reward",
+                    "format_valid"):
+            assert key in metrics
+        assert set(metrics["per_task"]) == set(tasks.TASKS)
+        assert 0 <= metrics["instruction_following"] <= 1 and metrics["heldout_loss"] > 0
+
+
+def test_diagnose_reads_lineage_and_works_without_it(smoke_base, smoke_sft, tmp_path):
+    result = run("diagnose", "--model", str(smoke_base), "--model", str(smoke_sft), "--preset", "smoke", "--json")
+    assert result.returncode == 0, result.stderr
+    base, chat = json.loads(result.stdout)
+    assert base["lineage"]["methods"] == ["pretrain"] and chat["lineage"]["methods"] == ["pretrain", "sft"]
+    assert base["lineage"]["label"] == "pre-trained only" and chat["lineage"]["label"] == "instruction-aligned"
+    assert base["behaviour"]["label"] in ("not pre-trained", "pre-trained only", "instruction-aligned")
+    bare = tmp_path / "bare"
+    shutil.copytree(smoke_sft, bare)
+    (bare / "lineage.json").unlink()
+    result = run("diagnose", "--model", str(bare), "--preset", "smoke", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["lineage"] is None and report["agrees"] is None and report["next"]["method"]
+
+
+@pytest.mark.parametrize("verb", ["eval", "diagnose"])
+def test_not_a_model_directory(verb, tmp_path):
+    result = run(verb, "--model", str(tmp_path / "nope"), "--preset", "smoke")
+    assert result.returncode == 2 and "no such model directory" in result.stderr
