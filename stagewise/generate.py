@@ -2,62 +2,143 @@
 
 A base model gets the prompt as raw text to continue; a model that went through instruction or
 preference alignment gets it as a user turn in its chat template. The choice comes from the
-lineage, or from `--format` when given.
+lineage, or from `--format` when given; a directory without lineage (written by another tool)
+is taken for a base model.
+
+Inference-time methods stack on any model: `--system` (system prompt), `--few-shot FILE`
+(demonstrations, see stagewise/prompting.py for how each format shows them) and one constraint,
+`--json-schema FILE`, `--regex RE` or `--choice A,B,...` (stagewise/constrained.py). Each run
+hashes the weights before and after; `--json` prints the answer with that check
+(`weights_unchanged`), the methods applied and whether a constrained answer is complete.
+Without `--json` only the answer is printed, and a run that changed the weights (a bug) is an
+error.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from stagewise import engine
+from stagewise import constrained, engine, methods, prompting
+from stagewise.errors import StagewiseError
 from stagewise.model_dir import load_model_dir
-
-CHAT_METHODS = {"sft", "ppo", "dpo"}
-
-
-def is_chat_model(lineage: list[dict]) -> bool:
-    return any(entry.get("method") in CHAT_METHODS for entry in lineage)
+from stagewise.prompting import CHAT_METHODS, is_chat_model, stop_ids  # noqa: F401  (this module's API before prompting.py)
+from stagewise.tokenizer import Tokenizer
 
 
-def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
-    if chat:
-        return tokenizer.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)[0]
-    return [tokenizer.endoftext_id] + tokenizer.encode(prompt)
+def prompt_ids(tokenizer: Tokenizer, prompt: str, chat: bool) -> list[int]:
+    return prompting.render(tokenizer, prompt, chat=chat).ids
 
 
-def stop_ids(tokenizer, chat: bool) -> list[int]:
-    return [tokenizer.im_end_id, tokenizer.endoftext_id] if chat else [tokenizer.endoftext_id]
+@dataclass
+class Answer:
+    text: str
+    tokens: list[int]  # as generated, the stop token included when there was one
+    stopped: bool  # ended by a stop token, not by the token budget (constrained: complete)
 
 
-def complete(model, tokenizer, prompts: list[str], *, chat: bool, max_new_tokens: int, **sampling) -> list[str]:
-    """Responses as text, each without its stop token."""
-    ids = [prompt_ids(tokenizer, p, chat) for p in prompts]
-    limit = max(len(i) for i in ids) + max_new_tokens
-    if limit > model.cfg.max_seq_len:
-        max_new_tokens = max(1, model.cfg.max_seq_len - max(len(i) for i in ids))
-    outs = engine.generate(model, ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids(tokenizer, chat), **sampling)
-    stops = set(stop_ids(tokenizer, chat))
-    return [tokenizer.decode(o[:-1] if o and o[-1] in stops else o) for o in outs]
+def answers(model, tokenizer: Tokenizer, prompts: Sequence[str], *, chat: bool, max_new_tokens: int,
+            system: str | None = None, demonstrations: Sequence[list[dict]] = (),
+            constraint: constrained.Constraint | Sequence[constrained.Constraint | None] | None = None,
+            **sampling) -> list[Answer]:
+    """Answer `prompts` in one batch, with an optional system prompt, demonstrations and
+    constraint (one for all prompts, or one per prompt with None for free text). `sampling`:
+    temperature, top_k, top_p, seed. max_new_tokens shrinks to fit the model's context."""
+    rendered = [prompting.render(tokenizer, p, chat=chat, system=system, demonstrations=demonstrations)
+                for p in prompts]
+    longest = max(len(r.ids) for r in rendered)
+    max_len = model.cfg.max_seq_len
+    if longest >= max_len:
+        raise StagewiseError(f"the prompt takes {longest} tokens with its system prompt and {len(demonstrations)} "
+                             f"demonstrations; the model's context is {max_len} tokens (use fewer demonstrations)")
+    max_new_tokens = min(max_new_tokens, max_len - longest)
+    ids, stops = [r.ids for r in rendered], rendered[0].stop_ids
+    if constraint is not None:
+        outs = constrained.generate(model, tokenizer, ids, constraint, stop_ids=stops,
+                                    max_new_tokens=max_new_tokens, **sampling)
+    else:
+        stop_text = rendered[0].stop_text
+        processor = prompting.StopAtText(tokenizer, stop_text, stops[0]) if stop_text else None
+        outs = engine.generate(model, ids, max_new_tokens=max_new_tokens, stop_ids=stops,
+                               logits_processor=processor, **sampling)
+    return [Answer(prompting.response_text(tokenizer, o, r), o, bool(o) and o[-1] in r.stop_ids)
+            for o, r in zip(outs, rendered)]
+
+
+def complete(model, tokenizer: Tokenizer, prompts: list[str], *, chat: bool, max_new_tokens: int,
+             **kwargs) -> list[str]:
+    """Responses as text, each without its stop token. kwargs: those of `answers`."""
+    return [a.text for a in answers(model, tokenizer, prompts, chat=chat, max_new_tokens=max_new_tokens, **kwargs)]
+
+
+def parse_choice(text: str) -> list[str]:
+    """--choice "A,B,C": comma-separated options, surrounding spaces dropped."""
+    options = [o.strip() for o in text.split(",")]
+    if not all(options):
+        raise StagewiseError(f"--choice {text!r}: every option must be non-empty (options are separated by commas)")
+    return options
+
+
+def constraint_from_args(args: argparse.Namespace) -> constrained.Constraint | None:
+    if args.json_schema is not None:
+        return constrained.load_json_schema(args.json_schema)
+    if args.regex is not None:
+        return constrained.regex(args.regex, where="--regex")
+    if args.choice is not None:
+        return constrained.choice(parse_choice(args.choice), where="--choice")
+    return None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="model directory")
     parser.add_argument("--format", choices=("auto", "raw", "chat"), default="auto",
                         help="raw text or chat template; auto: chat when the lineage has sft, ppo or dpo")
+    parser.add_argument("--system", default=None, metavar="TEXT", help="a system prompt (method system_prompt)")
+    parser.add_argument("--few-shot", type=Path, default=None, metavar="FILE",
+                        help='demonstrations, JSONL of {"prompt", "completion"} or {"messages"} (method few_shot)')
+    constraint = parser.add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", type=Path, default=None, metavar="FILE",
+                            help="constrain the answer to this JSON schema (method constrained)")
+    constraint.add_argument("--regex", default=None, metavar="RE", help="constrain the answer to match RE")
+    constraint.add_argument("--choice", default=None, metavar="A,B,...", help="constrain the answer to one option")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object: text, methods, weights_unchanged, complete, tokens")
     parser.add_argument("prompt", help="the prompt text")
 
 
 def command(args: argparse.Namespace) -> int:
-    model, tokenizer, lineage = load_model_dir(args.model)
+    # Everything the user gave is checked before the model is loaded, let alone run.
+    constraint = constraint_from_args(args)
+    demonstrations = prompting.load_demonstrations(args.few_shot) if args.few_shot is not None else []
+    model, tokenizer, lineage = load_model_dir(args.model, require_lineage=False)
     model.eval()
-    chat = is_chat_model(lineage) if args.format == "auto" else args.format == "chat"
-    (text,) = complete(model, tokenizer, [args.prompt], chat=chat, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    print(text)
+    chat = prompting.is_chat(lineage) if args.format == "auto" else args.format == "chat"
+    applied = [m for m, used in (("system_prompt", args.system), ("few_shot", demonstrations),
+                                 ("constrained", constraint)) if used]
+
+    def run() -> Answer:
+        (answer,) = answers(model, tokenizer, [args.prompt], chat=chat, max_new_tokens=args.max_new_tokens,
+                            system=args.system, demonstrations=demonstrations, constraint=constraint,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        return answer
+
+    answer, unchanged = methods.run_inference_method(model, run)
+    if args.json:
+        print(json.dumps({"text": answer.text, "format": "chat" if chat else "raw", "methods": applied,
+                          "weights_unchanged": unchanged, "complete": answer.stopped,
+                          "tokens": len(answer.tokens)}, ensure_ascii=False))
+    else:
+        print(answer.text)
+    if not unchanged:
+        print("stagewise generate: error: the weights changed during inference", file=sys.stderr)
+        return 1
     return 0

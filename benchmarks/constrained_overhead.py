@@ -1,0 +1,129 @@
+"""Generated tokens/s with constrained decoding (a JSON schema) against unconstrained decoding.
+
+The same model, the same prompts, greedy decoding, in one run, at batch 1 and batch 16: the
+peer is stagewise's engine with no logits processor, ours is the same engine with
+`constrained.ConstrainedDecoding` masking every step with llguidance. The ratio is what the
+constraint costs per token (1.0 is free).
+
+Fairness: both sides are measured in generated tokens per second, counting the tokens each row
+really produced, and neither side stops early on its own terms: the unconstrained side has no
+stop token, and the constraint (the json_record schema of `world.tasks.json_schema(["name",
+"city", "age"])`, with unbounded strings) keeps an untrained model inside its first string
+value, so both produce 128 tokens per prompt (a row that does close its record early is counted
+as the tokens it produced). The constrained time includes building the per-request matchers;
+building the llguidance tokenizer, once per tokenizer like loading it, is done before timing.
+Each round runs both sides back to back (which goes first alternates); the ratio is the median
+of the rounds' ratios, so that other work on a shared CPU, which slows both sides of a round
+alike, cancels out.
+
+    python benchmarks/constrained_overhead.py [--model DIR] [--rounds 10]
+
+By default the model is a freshly initialised one of the default preset's size (d128, 4
+layers, vocab 1024) with a tokenizer trained on the embedded world's text. The last line is the
+JSON object of SPEC section 6; its target is the batch-1 ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from stagewise import constrained, engine
+from stagewise.model_dir import load_model_dir
+from stagewise.world import tasks
+
+sys.path.insert(0, str(Path(__file__).parent))
+from decode import default_model_dir  # noqa: E402  (the same quickly built default-size model)
+
+NEW_TOKENS = 128
+KEYS = ["name", "city", "age"]
+NAMES = ["Malin", "Yves", "Lena", "Hugo", "Ines", "Noah", "Chloe", "Omar"]
+
+
+def prompts_for(tokenizer, batch: int) -> list[list[int]]:
+    texts = [tasks.TEMPLATES["json_record"][i % 2].format(name=NAMES[i % len(NAMES)], keys="name, city and age")
+             for i in range(batch)]
+    return [[tokenizer.endoftext_id] + tokenizer.encode(t) for t in texts]
+
+
+def replay_us_per_step(tokenizer, schema, vocab_size: int, stop_id: int, outs: list[list[int]]) -> float:
+    """The constraint's own cost, free of the model and of other load: microseconds per decoding
+    step of the logits processor, replaying the tokens the constrained run chose (best of 5)."""
+    steps = max(map(len, outs))
+    logits = torch.zeros(len(outs), vocab_size)
+    best = float("inf")
+    for _ in range(5):
+        processor = constrained.ConstrainedDecoding(tokenizer, schema, len(outs), vocab_size=vocab_size,
+                                                    stop_id=stop_id)
+        generated = [[] for _ in outs]
+        start = time.perf_counter()
+        for step in range(steps):
+            rows = [r for r, o in enumerate(outs) if step < len(o)]
+            processor(step, logits[:len(rows)], rows, generated)
+            for r in rows:
+                generated[r].append(outs[r][step])
+        best = min(best, (time.perf_counter() - start) / steps)
+    return best * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or default_model_dir(Path(tmp) / "model")
+        model, tokenizer, _ = load_model_dir(model_dir)
+    model.eval()
+    schema = constrained.json_schema(tasks.json_schema(KEYS))
+    stop = [tokenizer.endoftext_id]
+    constrained.ll_tokenizer(tokenizer, model.cfg.vocab_size, stop[0])  # once per tokenizer, untimed
+
+    def run_peer(prompts):
+        return engine.generate(model, prompts, max_new_tokens=NEW_TOKENS)
+
+    def run_ours(prompts):
+        return constrained.generate(model, tokenizer, prompts, schema, stop_ids=stop, max_new_tokens=NEW_TOKENS)
+
+    results = {}
+    for batch in (1, 16):
+        prompts = prompts_for(tokenizer, batch)
+        sample = run_ours(prompts)  # warm-up, and a look at what the constraint produced
+        assert all(tokenizer.decode(o).startswith('{"name": "') for o in sample), tokenizer.decode(sample[0])
+        run_peer(prompts)
+        mask_us = replay_us_per_step(tokenizer, schema, model.cfg.vocab_size, stop[0], sample)
+        rates = {"ours": [], "peer": []}
+        for i in range(args.rounds):
+            sides = [("peer", run_peer), ("ours", run_ours)]
+            for side, fn in sides if i % 2 == 0 else sides[::-1]:
+                start = time.perf_counter()
+                outs = fn(prompts)
+                rates[side].append(sum(map(len, outs)) / (time.perf_counter() - start))
+        ratios = [o / p for o, p in zip(rates["ours"], rates["peer"])]
+        results[batch] = {"ours": statistics.median(rates["ours"]), "peer": statistics.median(rates["peer"]),
+                          "ratio": statistics.median(ratios), "mask_us_per_step": round(mask_us, 1)}
+        r = results[batch]
+        print(f"batch {batch:>2}: constrained {r['ours']:>8,.0f} tokens/s, unconstrained {r['peer']:>8,.0f} tokens/s "
+              f"(medians of {args.rounds} rounds), ratio {r['ratio']:.3f} (median of the paired rounds' ratios, "
+              f"range {min(ratios):.2f}-{max(ratios):.2f}); the constraint alone: {mask_us:.0f} us per step; "
+              f"e.g. {tokenizer.decode(sample[0])[:40]!r}")
+
+    one, sixteen = results[1], results[16]
+    print(json.dumps({"benchmark": "constrained_overhead", "ours": round(one["ours"]), "peer": round(one["peer"]),
+                      "unit": "tokens/s", "ratio": round(one["ratio"], 3), "target": 0.85, "batch": 1,
+                      "peer_name": "stagewise engine, unconstrained", "constraint": "json_schema name, city, age",
+                      "threads": torch.get_num_threads(), "mask_us_per_step": one["mask_us_per_step"],
+                      "batch16": {"ours": round(sixteen["ours"]), "peer": round(sixteen["peer"]),
+                                  "ratio": round(sixteen["ratio"], 3),
+                                  "mask_us_per_step": sixteen["mask_us_per_step"]}}))
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""`stagewise generate` with inference-time methods: system prompt, few-shot, constraints, the
+weights check in --json, and clean errors for bad input."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from stagewise import cli, generate
+from stagewise.model import ModelConfig, Transformer
+from stagewise.model_dir import save_model_dir
+from stagewise.tokenizer import train_tokenizer
+
+TEXTS = ['{"name": "Malin", "city": "Brest", "age": 34}', "English: I eat.\nFrench: Je mange.",
+         "What is 2 + 3?\n2 + 3 = 5.", "yes no"] * 60
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "maxLength": 6},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 99}}}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("generate")
+    tokenizer = train_tokenizer(TEXTS, 320)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size + 7, n_layer=1, n_head=2, n_kv_head=2,
+                                    n_embd=16, intermediate_size=32, max_seq_len=128))
+    base = save_model_dir(root / "base", model, tokenizer, [{"method": "pretrain"}])
+    chat = save_model_dir(root / "chat", model, tokenizer, [{"method": "pretrain"}, {"method": "sft"}])
+    return base, chat
+
+
+def run(capsys, *args):
+    try:
+        code = cli.main(["generate", *map(str, args)])
+    except SystemExit as e:  # argparse usage errors
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_json_output_reports_methods_and_weights_check(model_dirs, capsys, tmp_path):
+    base, chat = model_dirs
+    code, out, err = run(capsys, "--model", chat, "--json", "--max-new-tokens", "5", "Hello")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["weights_unchanged"] is True and result["methods"] == [] and result["format"] == "chat"
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    code, out, err = run(capsys, "--model", chat, "--json", "--system", "Answer in JSON.", "--json-schema", schema,
+                         "--max-new-tokens", "60", "--temperature", "1", "--seed", "3", "Give the record of Malin.")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["methods"] == ["system_prompt", "constrained"] and result["weights_unchanged"] is True
+    assert result["complete"] is True
+    record = json.loads(result["text"])
+    assert set(record) == {"name", "age"} and len(record["name"]) <= 6 and 0 <= record["age"] <= 99
+
+
+def test_regex_and_choice(model_dirs, capsys):
+    base, chat = model_dirs
+    for model in (base, chat):
+        code, out, err = run(capsys, "--model", model, "--regex", "[a-z]{1,5}!", "--temperature", "1", "--seed", "0",
+                             "Say something")
+        assert code == 0, err
+        assert re.fullmatch("[a-z]{1,5}!", out.rstrip("\n"))
+        code, out, err = run(capsys, "--model", model, "--choice", "yes, no ,maybe", "Is it?")
+        assert code == 0, err
+        assert out.rstrip("\n") in ("yes", "no", "maybe")
+
+
+def test_few_shot_on_a_base_model(model_dirs, capsys, tmp_path):
+    base, _ = model_dirs
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text(json.dumps({"prompt": "What is 2 + 3?", "completion": "2 + 3 = 5."}) + "\n")
+    code, out, err = run(capsys, "--model", base, "--few-shot", demos, "--json", "--max-new-tokens", "8",
+                         "What is 4 + 4?")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["format"] == "raw" and result["methods"] == ["few_shot"] and "\n\n" not in result["text"]
+
+
+def test_complete_keeps_its_signature(model_dirs):
+    from stagewise.model_dir import load_model_dir
+    model, tokenizer, _ = load_model_dir(model_dirs[1])
+    texts = generate.complete(model, tokenizer, ["Hi", "Is it?"], chat=True, max_new_tokens=4)
+    assert len(texts) == 2
+    choices = generate.complete(model, tokenizer, ["Hi"], chat=True, max_new_tokens=8,
+                                constraint=generate.constrained.choice(["oui", "non"]))
+    assert choices[0] in ("oui", "non")
+
+
+def test_bad_input_exits_2_naming_the_file(model_dirs, capsys, tmp_path):
+    base, _ = model_dirs
+    bad = tmp_path / "bad_schema.json"
+    bad.write_text('{"type": "object", "properties": {"a": {"type": "strng"}}}')
+    code, out, err = run(capsys, "--model", base, "--json-schema", bad, "x")
+    assert code == 2 and str(bad) in err and "does not compile" in err and "Traceback" not in err and out == ""
+    code, _, err = run(capsys, "--model", base, "--json-schema", tmp_path / "missing.json", "x")
+    assert code == 2 and "missing.json" in err
+    (tmp_path / "broken.json").write_text("{oops")
+    code, _, err = run(capsys, "--model", base, "--json-schema", tmp_path / "broken.json", "x")
+    assert code == 2 and "broken.json" in err and "not valid JSON" in err
+    code, _, err = run(capsys, "--model", base, "--regex", "a(b", "x")
+    assert code == 2 and "unclosed group" in err
+    code, _, err = run(capsys, "--model", base, "--choice", "a,,b", "x")
+    assert code == 2 and "non-empty" in err
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text('{"prompt": "q"}\n')
+    code, _, err = run(capsys, "--model", base, "--few-shot", demos, "x")
+    assert code == 2 and f"{demos}, line 1" in err
+    code, _, err = run(capsys, "--model", base, "--regex", "a", "--choice", "a,b", "x")
+    assert code == 2 and "not allowed with" in err
