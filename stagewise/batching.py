@@ -77,6 +77,50 @@ def targets_from_mask(ids: list[int], mask: list[bool]) -> list[int]:
     return [ids[t + 1] if mask[t + 1] else -100 for t in range(len(ids) - 1)] + [-100]
 
 
+class IndexBatches:
+    """Batches of indices into n items, reshuffled every epoch; a partial last batch is
+    dropped. The position is (epoch, cursor), so checkpoints can resume it exactly."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if n < batch_size:
+            raise ValueError(f"{n} examples are fewer than one batch of {batch_size}")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.cursor = 0, 0
+        self.order = self._order(0)
+
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size
+
+    def next(self) -> list[int]:
+        if self.cursor + self.batch_size > self.n:
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self.order = self._order(self.epoch)
+        batch = self.order[self.cursor:self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self.order = self._order(self.epoch)
+
+
+def pad_right(rows: list[list[int]], pad: int, multiple: int = 1) -> torch.Tensor:
+    """(B, T) with each row left-aligned and padded on the right to a multiple of `multiple`."""
+    width = max(len(r) for r in rows)
+    width = -(-width // multiple) * multiple
+    out = torch.full((len(rows), width), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
 class ExampleBatches:
     """Whole examples, one per row, right-padded to the longest in the batch (rounded up to a
     multiple of `pad_multiple` so a compiled model sees few distinct shapes). Examples never
@@ -85,38 +129,21 @@ class ExampleBatches:
 
     def __init__(self, examples: list[tuple[list[int], list[bool]]], batch_size: int, seed: int, pad_id: int,
                  pad_multiple: int = 16):
-        if len(examples) < batch_size:
-            raise ValueError(f"{len(examples)} examples are fewer than one batch of {batch_size}")
         self.examples = [(ids, targets_from_mask(ids, mask)) for ids, mask in examples]
-        self.batch_size, self.seed, self.pad_id, self.pad_multiple = batch_size, seed, pad_id, pad_multiple
-        self.epoch, self.cursor = 0, 0
-        self.order = self._order(0)
-
-    def _order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(len(self.examples), generator=g).tolist()
+        self.index = IndexBatches(len(examples), batch_size, seed)
+        self.pad_id, self.pad_multiple = pad_id, pad_multiple
 
     def __len__(self) -> int:
-        return len(self.examples) // self.batch_size
+        return len(self.index)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cursor + self.batch_size > len(self.examples):
-            self.epoch, self.cursor = self.epoch + 1, 0
-            self.order = self._order(self.epoch)
-        rows = [self.examples[i] for i in self.order[self.cursor:self.cursor + self.batch_size]]
-        self.cursor += self.batch_size
-        width = max(len(ids) for ids, _ in rows)
-        width = -(-width // self.pad_multiple) * self.pad_multiple
-        x = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        y = torch.full((len(rows), width), -100, dtype=torch.long)
-        for r, (ids, targets) in enumerate(rows):
-            x[r, :len(ids)] = torch.tensor(ids)
-            y[r, :len(targets)] = torch.tensor(targets)
+        rows = [self.examples[i] for i in self.index.next()]
+        x = pad_right([ids for ids, _ in rows], self.pad_id, self.pad_multiple)
+        y = pad_right([targets for _, targets in rows], -100, self.pad_multiple)
         return x, y
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+        return self.index.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
-        self.order = self._order(self.epoch)
+        self.index.load_state_dict(state)

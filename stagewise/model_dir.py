@@ -27,8 +27,11 @@ from safetensors.torch import load_file, save_file
 
 from stagewise.errors import StagewiseError
 from stagewise.model import ModelConfig, Transformer
+from stagewise.reward_model import ARCHITECTURE as REWARD_ARCHITECTURE
+from stagewise.reward_model import RewardModel
 from stagewise.tokenizer import Tokenizer
 
+ARCHITECTURES = {"LlamaForCausalLM": Transformer, REWARD_ARCHITECTURE: RewardModel}
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                   "generation_config.json", "lineage.json")
 
@@ -55,12 +58,14 @@ def _read_json(path: Path):
         raise StagewiseError(f"{path}: unreadable or not valid JSON ({e})") from None
 
 
-def save_model_dir(path: str | Path, model: Transformer, tokenizer: Tokenizer, lineage: list[dict],
-                   generation_config: dict | None = None) -> Path:
+def save_model_dir(path: str | Path, model: torch.nn.Module, tokenizer: Tokenizer, lineage: list[dict],
+                   generation_config: dict | None = None, config_extra: dict | None = None) -> Path:
     """Write a model directory at `path`, replacing an existing model directory there.
 
-    generation_config: extra generation_config.json keys (e.g. temperature), merged over the
-    default token ids. Returns the path.
+    model: a Transformer, or any module with a `cfg` ModelConfig and transformers-named
+    parameters (the reward model). generation_config: extra generation_config.json keys (e.g.
+    temperature), merged over the default token ids. config_extra: keys merged over config.json
+    (e.g. another `architectures`). Returns the path.
     """
     path = Path(path)
     model = getattr(model, "_orig_mod", model)  # accept a torch.compile'd model
@@ -79,11 +84,12 @@ def save_model_dir(path: str | Path, model: Transformer, tokenizer: Tokenizer, l
     tmp.mkdir()
     try:
         eos = [tokenizer.im_end_id, tokenizer.endoftext_id]
-        _write_json(tmp / "config.json", cfg.to_hf_config(tokenizer.endoftext_id, eos, tokenizer.pad_id))
+        _write_json(tmp / "config.json",
+                    {**cfg.to_hf_config(tokenizer.endoftext_id, eos, tokenizer.pad_id), **(config_extra or {})})
         state = model.state_dict()
         if cfg.tie_embeddings:
             # One stored copy; transformers re-ties lm_head from tie_word_embeddings.
-            state.pop("lm_head.weight")
+            state.pop("lm_head.weight", None)
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save(tmp, model_max_length=cfg.max_seq_len)
@@ -109,8 +115,9 @@ def save_model_dir(path: str | Path, model: Transformer, tokenizer: Tokenizer, l
     return path
 
 
-def load_model_dir(path: str | Path, require_lineage: bool = True) -> tuple[Transformer, Tokenizer, list[dict] | None]:
-    """Read a model directory: (model in fp32 on CPU, tokenizer, lineage). With
+def load_model_dir(path: str | Path, require_lineage: bool = True) -> tuple[Transformer | RewardModel, Tokenizer, list[dict] | None]:
+    """Read a model directory: (model in fp32 on CPU, tokenizer, lineage). The model is a
+    Transformer, or a RewardModel when config.json names a sequence classifier. With
     require_lineage=False a directory without lineage.json (one written by another tool) loads
     too, with lineage None."""
     path = Path(path)
@@ -145,7 +152,11 @@ def load_model_dir(path: str | Path, require_lineage: bool = True) -> tuple[Tran
         tensors = load_file(str(weights))
     except Exception as e:
         raise StagewiseError(f"{weights}: corrupt or unreadable safetensors file ({e})") from None
-    model = Transformer(cfg)
+    architecture = (config.get("architectures") or ["LlamaForCausalLM"])[0]
+    if architecture not in ARCHITECTURES:
+        raise StagewiseError(f"{path / 'config.json'}: architecture {architecture!r} is not one of "
+                             f"{', '.join(ARCHITECTURES)}")
+    model = ARCHITECTURES[architecture](cfg)
     expected = set(model.state_dict())
     if cfg.tie_embeddings:
         expected.discard("lm_head.weight")
@@ -157,4 +168,21 @@ def load_model_dir(path: str | Path, require_lineage: bool = True) -> tuple[Tran
         model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
     except RuntimeError as e:
         raise StagewiseError(f"{weights}: weight shapes do not match config.json ({e})") from None
+    return model, tokenizer, lineage
+
+
+def load_language_model(path: str | Path) -> tuple[Transformer, Tokenizer, list[dict]]:
+    """A model directory that must hold a language model (not a reward model)."""
+    model, tokenizer, lineage = load_model_dir(path)
+    if not isinstance(model, Transformer):
+        raise StagewiseError(f"{path}: is a reward model; expected a language model directory")
+    return model, tokenizer, lineage
+
+
+def load_reward_model(path: str | Path) -> tuple[RewardModel, Tokenizer, list[dict]]:
+    """A model directory that must hold a reward model."""
+    model, tokenizer, lineage = load_model_dir(path)
+    if not isinstance(model, RewardModel):
+        raise StagewiseError(f"{path}: is a language model; expected a reward model directory "
+                             "(written by `stagewise reward`)")
     return model, tokenizer, lineage

@@ -13,7 +13,9 @@ import shutil
 from functools import lru_cache
 from pathlib import Path
 
-from stagewise import config
+import torch
+
+from stagewise import checkpoint, config
 from stagewise.cli import add_config_arguments
 from stagewise.errors import StagewiseError
 from stagewise.world.build import DataConfig, build
@@ -84,3 +86,34 @@ def _world_data(world_json: str) -> tuple[dict, dict]:
 def world_data(world: DataConfig) -> dict[str, list[dict]]:
     """The embedded world's data sets for this config (built once per process)."""
     return _world_data(json.dumps(dataclasses.asdict(world), sort_keys=True))[0]
+
+
+def save_state(out: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches,
+               **extra) -> None:
+    """A checkpoint of everything a resumed run needs to continue bit for bit."""
+    from stagewise.training import rng_state
+    checkpoint.save(out / TRAIN_STATE, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                              "batches": batches.state_dict(), "rng": rng_state(), "step": step,
+                                              **extra})
+
+
+def restore_state(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches, say) -> dict | None:
+    """Load the newest valid checkpoint into model, optimizer and batches; None if there is none."""
+    from stagewise.training import set_rng_state
+    state = checkpoint.load_latest(out / TRAIN_STATE, warn=say)
+    if state is None:
+        return None
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    batches.load_state_dict(state["batches"])
+    set_rng_state(state["rng"])
+    return state
+
+
+def chat_pair(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """(prompt ids up to the assistant header, response ids with its <|im_end|>), split exactly
+    where the chat template's rendering of the whole exchange puts the assistant's tokens."""
+    ids, mask = tokenizer.render_chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
+    start = mask.index(True)
+    end = len(mask) - mask[::-1].index(True)
+    return ids[:start], ids[start:end]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from stagewise import checkpoint, data, distributed, evaluation, methods
+from stagewise import data, distributed, evaluation, methods
 from stagewise.batching import PackedBatches, pack
 from stagewise.errors import StagewiseError
 from stagewise.model import ModelConfig, Transformer, weights_sha256
@@ -24,8 +24,8 @@ from stagewise.model_dir import save_model_dir
 from stagewise.stages import common
 from stagewise.tokenizer import Tokenizer, train_tokenizer
 from stagewise.training import (MetricsLog, OptimConfig, Progress, Throughput, autocast_dtype, lr_at,
-                                make_optimizer, matmul_peak_flops, pick_device, rng_state, seed_everything,
-                                set_lr, set_rng_state, train_step)
+                                make_optimizer, matmul_peak_flops, pick_device, seed_everything, set_lr,
+                                train_step)
 from stagewise.world.build import DataConfig, make_world
 
 
@@ -118,15 +118,9 @@ def train(cfg: PretrainConfig, out: Path, data_files: list[Path] | None = None, 
     optimizer = make_optimizer(model, cfg.optim)
     batches = PackedBatches(tokens, cfg.seq_len, cfg.batch_size, cfg.seed)
     step = 0
-    if mode == "resume":
-        state = checkpoint.load_latest(state_dir, warn=say)
-        if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            batches.load_state_dict(state["batches"])
-            set_rng_state(state["rng"])
-            step = state["step"]
-            say(f"pretrain: resumed at step {step}")
+    if mode == "resume" and (state := common.restore_state(out, model, optimizer, batches, say)):
+        step = state["step"]
+        say(f"pretrain: resumed at step {step}")
     say(f"pretrain: {model.num_params():,} parameters ({model.num_params(exclude_embeddings=True):,} without "
         f"embeddings), {cfg.max_steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens on {device}")
 
@@ -163,8 +157,7 @@ def train(cfg: PretrainConfig, out: Path, data_files: list[Path] | None = None, 
             metrics.write(step=step, heldout_loss=evaluate())
         if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
             if main:
-                checkpoint.save(state_dir, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                                  "batches": batches.state_dict(), "rng": rng_state(), "step": step})
+                common.save_state(out, step, model, optimizer, batches)
             if dist:
                 dist.barrier()
     progress.close()

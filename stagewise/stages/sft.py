@@ -20,15 +20,15 @@ from pathlib import Path
 
 import torch
 
-from stagewise import checkpoint, data, distributed, evaluation, methods
+from stagewise import data, distributed, evaluation, methods
 from stagewise.batching import ExampleBatches
 from stagewise.errors import StagewiseError
 from stagewise.model import weights_sha256
-from stagewise.model_dir import load_model_dir, save_model_dir
+from stagewise.model_dir import load_language_model, save_model_dir
 from stagewise.stages import common
 from stagewise.training import (MetricsLog, OptimConfig, Progress, Throughput, autocast_dtype, lr_at,
-                                make_optimizer, matmul_peak_flops, pick_device, rng_state, seed_everything,
-                                set_lr, set_rng_state, train_step)
+                                make_optimizer, matmul_peak_flops, pick_device, seed_everything, set_lr,
+                                train_step)
 from stagewise.world.build import DataConfig
 
 
@@ -108,7 +108,7 @@ def train(cfg: SFTConfig, parent: Path, out: Path, data_files: list[Path] | None
         raise StagewiseError(f"batch_size {cfg.batch_size} must be divisible by grad_accum x processes")
 
     # Parent and data first: bad input is refused before anything is written.
-    model, tokenizer, lineage = load_model_dir(parent)
+    model, tokenizer, lineage = load_language_model(parent)
     conversations, replay_texts = load_conversations(cfg, data_files)
     where = str(data_files[0]) if data_files else "embedded world sft data"
     examples = encode(tokenizer, conversations, model.cfg.max_seq_len, where)
@@ -122,7 +122,6 @@ def train(cfg: SFTConfig, parent: Path, out: Path, data_files: list[Path] | None
     if mode == "finished":
         say(f"sft: {out} is already finished; nothing to do")
         return out
-    state_dir = out / common.TRAIN_STATE
 
     seed_everything(cfg.seed)
     model = model.to(device)
@@ -131,15 +130,9 @@ def train(cfg: SFTConfig, parent: Path, out: Path, data_files: list[Path] | None
     # One epoch = every conversation once, with the replayed texts mixed in among them.
     max_steps = cfg.max_steps or max(1, int(cfg.epochs * len(examples) / cfg.batch_size))
     step = 0
-    if mode == "resume":
-        state = checkpoint.load_latest(state_dir, warn=say)
-        if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            batches.load_state_dict(state["batches"])
-            set_rng_state(state["rng"])
-            step = state["step"]
-            say(f"sft: resumed at step {step}")
+    if mode == "resume" and (state := common.restore_state(out, model, optimizer, batches, say)):
+        step = state["step"]
+        say(f"sft: resumed at step {step}")
     say(f"sft: {len(conversations):,} conversations ({n_heldout} held out) and {n_replay:,} replayed texts; "
         f"{max_steps} steps of {cfg.batch_size} examples on {device}")
 
@@ -174,8 +167,7 @@ def train(cfg: SFTConfig, parent: Path, out: Path, data_files: list[Path] | None
             metrics.write(step=step, validation_loss=validation_loss())
         if step % cfg.checkpoint_every == 0 and step < max_steps:
             if main:
-                checkpoint.save(state_dir, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                                  "batches": batches.state_dict(), "rng": rng_state(), "step": step})
+                common.save_state(out, step, model, optimizer, batches)
             if dist:
                 dist.barrier()
     progress.close()

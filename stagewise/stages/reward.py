@@ -1,0 +1,172 @@
+"""`stagewise reward`: a reward model learnt from preference pairs.
+
+The SFT model's decoder gets a scalar head read at the last token of a rendered exchange (the
+assistant's `<|im_end|>`); the Bradley-Terry loss pushes the chosen response's reward above
+the rejected one's, with an optional margin and a reward-centring term that keeps rewards near
+zero. `pairwise_accuracy` is measured on held-out pairs: with the embedded world, pairs ordered
+by the annotator's noiseless score, so the figure says how well the learnt proxy reproduces the
+annotator itself rather than its noisy labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from stagewise import data, methods
+from stagewise.batching import IndexBatches, pad_right
+from stagewise.errors import StagewiseError
+from stagewise.losses import bradley_terry_loss
+from stagewise.model import weights_sha256
+from stagewise.model_dir import load_language_model, save_model_dir
+from stagewise.reward_model import RewardModel
+from stagewise.stages import common
+from stagewise.training import (MetricsLog, OptimConfig, Progress, lr_at, make_optimizer, pick_device,
+                                seed_everything, set_lr)
+from stagewise.world.build import DataConfig
+
+
+@dataclass
+class RewardConfig:
+    seed: int = 0
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=20, weight_decay=0.0))
+    world: DataConfig = field(default_factory=DataConfig)
+    batch_size: int = 32  # pairs per step
+    epochs: float = 1.0
+    max_steps: int = 0  # when > 0, overrides epochs
+    margin: float = 0.0
+    center_coef: float = 0.01  # reward centring: coef * (r_chosen + r_rejected)^2
+    heldout_share: float = 0.05  # of user pairs, held out for pairwise_accuracy
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    log_every: int = 10
+    device: str = "auto"
+    keep_train_state: bool = False
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    common.add_stage_arguments(parser, parent=True)
+
+
+def command(args: argparse.Namespace) -> int:
+    cfg = common.resolve(RewardConfig, "reward", args)
+    train(cfg, args.parent, args.out, data_files=args.data, resume=args.resume)
+    return 0
+
+
+def load_pairs(cfg: RewardConfig, data_files: list[Path] | None) -> tuple[list[dict], list[dict]]:
+    """(training pairs, held-out pairs)."""
+    if data_files:
+        pairs = data.load(data_files, "preference")
+        n_heldout = max(1, int(len(pairs) * cfg.heldout_share))
+        if len(pairs) <= n_heldout:
+            raise StagewiseError(f"{data_files[0]}: too few preference pairs ({len(pairs)}) to hold some out")
+        shuffled = pairs[:]
+        random.Random(cfg.seed).shuffle(shuffled)
+        return shuffled[n_heldout:], shuffled[:n_heldout]
+    world = common.world_data(cfg.world)
+    return world["preferences"], world["heldout_preferences"]
+
+
+def encode_pairs(tokenizer, pairs: list[dict], max_len: int) -> list[tuple[list[int], list[int]]]:
+    """(chosen ids, rejected ids) per pair: the whole rendered exchange, cut to max_len."""
+    out = []
+    for pair in pairs:
+        sides = []
+        for key in ("chosen", "rejected"):
+            prompt, response = common.chat_pair(tokenizer, pair["prompt"], pair[key])
+            sides.append((prompt + response)[:max_len])
+        out.append(tuple(sides))
+    return out
+
+
+def score(model: RewardModel, sequences: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
+    """(N,) rewards of full sequences."""
+    idx = pad_right(sequences, pad_id).to(device)
+    lengths = torch.tensor([len(s) for s in sequences], device=device)
+    return model(idx, lengths)
+
+
+@torch.no_grad()
+def pairwise_accuracy(model: RewardModel, pairs: list[tuple[list[int], list[int]]], pad_id: int,
+                      device: torch.device, batch_size: int = 64) -> float:
+    model.eval()
+    right = 0
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        rewards = score(model, [c for c, _ in chunk] + [r for _, r in chunk], pad_id, device)
+        right += int((rewards[:len(chunk)] > rewards[len(chunk):]).sum())
+    model.train()
+    return right / len(pairs)
+
+
+def train(cfg: RewardConfig, parent: Path, out: Path, data_files: list[Path] | None = None, resume: bool = False,
+          log=print) -> Path:
+    started, t0 = methods.now(), time.time()
+    device = pick_device(cfg.device)
+    lm, tokenizer, lineage = load_language_model(parent)
+    pairs, heldout = load_pairs(cfg, data_files)
+    mode = common.prepare_out(out, resume)
+    if mode == "finished":
+        log(f"reward: {out} is already finished; nothing to do")
+        return out
+
+    seed_everything(cfg.seed)
+    model = RewardModel.from_language_model(lm).to(device)
+    del lm
+    train_pairs = encode_pairs(tokenizer, pairs, model.cfg.max_seq_len)
+    heldout_pairs = encode_pairs(tokenizer, heldout, model.cfg.max_seq_len)
+    optimizer = make_optimizer(model, cfg.optim)
+    batches = IndexBatches(len(train_pairs), cfg.batch_size, cfg.seed)
+    max_steps = cfg.max_steps or max(1, int(cfg.epochs * len(batches)))
+    step = 0
+    if mode == "resume" and (state := common.restore_state(out, model, optimizer, batches, log)):
+        step = state["step"]
+        log(f"reward: resumed at step {step}")
+    log(f"reward: {len(train_pairs):,} preference pairs, {len(heldout_pairs):,} held out; {max_steps} steps of "
+        f"{cfg.batch_size} pairs on {device}")
+
+    metrics = MetricsLog(out / "metrics.jsonl")
+    progress = Progress("reward", max_steps)
+    model.train()
+    while step < max_steps:
+        lr = lr_at(step, max_steps, cfg.optim)
+        set_lr(optimizer, lr)
+        chunk = [train_pairs[i] for i in batches.next()]
+        rewards = score(model, [c for c, _ in chunk] + [r for _, r in chunk], tokenizer.pad_id, device)
+        chosen, rejected = rewards[:len(chunk)], rewards[len(chunk):]
+        loss = bradley_terry_loss(chosen, rejected, cfg.margin, cfg.center_coef)
+        loss.backward()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if step % cfg.log_every == 0 or step == max_steps:
+            accuracy = (chosen > rejected).float().mean().item()
+            margin = (chosen - rejected).mean().item()
+            metrics.write(step=step, loss=loss.item(), lr=lr, accuracy=accuracy, margin=margin)
+            progress.update(step, loss=loss.item(), acc=accuracy, margin=margin)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < max_steps:
+            metrics.write(step=step, pairwise_accuracy=pairwise_accuracy(model, heldout_pairs, tokenizer.pad_id, device))
+        if step % cfg.checkpoint_every == 0 and step < max_steps:
+            common.save_state(out, step, model, optimizer, batches)
+    progress.close()
+
+    final = {"pairwise_accuracy": pairwise_accuracy(model, heldout_pairs, tokenizer.pad_id, device),
+             "heldout_pairs": len(heldout_pairs), "steps": step, "seconds": round(time.time() - t0, 1)}
+    metrics.write(step=step, **final)
+    log("reward: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items()))
+    entry = methods.lineage_entry(
+        "reward_model", parent=str(parent), data_sha256=common.data_sha256(pairs), config=dataclasses.asdict(cfg),
+        metrics=final, weights_sha256=weights_sha256(model), started=started)
+    save_model_dir(out, model, tokenizer, lineage + [entry], config_extra=model.config_extra(tokenizer.pad_id))
+    common.finish_out(out, cfg.keep_train_state)
+    log(f"reward: wrote {out}")
+    return out
