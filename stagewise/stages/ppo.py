@@ -1,0 +1,286 @@
+"""`stagewise ppo`: RLHF, the policy optimised against a reward model with PPO.
+
+Each iteration samples responses to a batch of prompts from the policy (through the engine,
+batched), scores them with the frozen reward model, and turns the scores into per-token
+rewards: minus kl_coef times the policy-to-reference log-ratio at every token, plus the score
+at the last token (InstructGPT's KL-penalised reward; the reference is the frozen SFT model).
+A response that never ends has `missing_eos_penalty` taken off its score. Advantages come from
+GAE (gamma 1, lambda 0.95) over a critic initialised from the reward model, are whitened, and
+feed the clipped policy and value losses for several epochs over minibatches. The KL
+coefficient is fixed, or adaptive (Ziegler et al., 2019) towards `target_kl`.
+
+The logged names follow TRL and OpenRLHF: objective/kl, objective/scores,
+objective/rlhf_reward, objective/entropy, policy/clipfrac, policy/approxkl, val/vf_loss,
+val/clipfrac, val/mean. With the embedded world the simulated annotator also scores every
+rollout (gold/score), and `overoptimisation.csv` / `.png` plot the proxy reward and the
+annotator's score against sqrt(KL), as Gao et al. (2022) plot reward-model overoptimisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from stagewise import data, engine, methods
+from stagewise.batching import IndexBatches, pad_right
+from stagewise.errors import StagewiseError
+from stagewise.losses import gae, kl_per_token, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
+from stagewise.model import weights_sha256
+from stagewise.model_dir import load_language_model, load_reward_model, save_model_dir
+from stagewise.stages import common
+from stagewise.training import MetricsLog, OptimConfig, Progress, make_optimizer, pick_device, seed_everything
+from stagewise.world import annotator
+from stagewise.world.build import DataConfig, make_world
+
+
+@dataclass
+class PPOConfig:
+    seed: int = 0
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=0, schedule="constant",
+                                                                   weight_decay=0.0))
+    value_lr: float = 1e-4
+    world: DataConfig = field(default_factory=DataConfig)
+    iterations: int = 60
+    rollout_batch: int = 64  # prompts per iteration
+    minibatch: int = 16
+    ppo_epochs: int = 4
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    kl_coef: float = 0.05
+    adaptive_kl: bool = False
+    target_kl: float = 6.0  # nats per response, for the adaptive controller
+    kl_horizon: int = 10_000
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    whiten_advantages: bool = True
+    missing_eos_penalty: float = 1.0
+    checkpoint_every: int = 10  # iterations
+    device: str = "auto"
+    keep_train_state: bool = False
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reward", required=True, type=Path, help="reward model directory (stagewise reward)")
+    common.add_stage_arguments(parser, parent=True)
+
+
+def command(args: argparse.Namespace) -> int:
+    cfg = common.resolve(PPOConfig, "ppo", args)
+    train(cfg, args.parent, args.reward, args.out, data_files=args.data, resume=args.resume)
+    return 0
+
+
+class AdaptiveKL:
+    """Ziegler et al. (2019): move the coefficient so the observed KL tracks the target."""
+
+    def __init__(self, value: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = value, target, horizon
+
+    def update(self, kl: float, n_steps: int) -> None:
+        error = max(-0.2, min(0.2, kl / self.target - 1))
+        self.value *= 1 + error * n_steps / self.horizon
+
+
+def gather_values(critic, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                  device: torch.device) -> torch.Tensor:
+    """(B, R) the critic's value of the state before each response token, aligned like
+    `engine.sequence_logprobs` aligns log-probs."""
+    sequences = [p + r for p, r in zip(prompts, responses)]
+    values = critic.values(pad_right(sequences, pad_id).to(device))  # (B, T)
+    R = max(len(r) for r in responses)
+    start = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    cols = (start[:, None] + torch.arange(R, device=device)[None, :]).clamp(max=values.shape[1] - 1)
+    return values.gather(1, cols)
+
+
+def score(reward_model, prompts, responses, pad_id: int, device: torch.device) -> torch.Tensor:
+    sequences = [p + r for p, r in zip(prompts, responses)]
+    lengths = torch.tensor([len(s) for s in sequences], device=device)
+    return reward_model(pad_right(sequences, pad_id).to(device), lengths)
+
+
+def load_prompts(cfg: PPOConfig, data_files: list[Path] | None) -> list[str]:
+    if data_files:
+        return [r["prompt"] for r in data.load(data_files, "prompt")]
+    return [r["prompt"] for r in common.world_data(cfg.world)["prompts"]]
+
+
+def write_overoptimisation(out: Path, rows: list[dict]) -> None:
+    """CSV and PNG of the proxy reward and the annotator's score against sqrt(KL)."""
+    with (out / "overoptimisation.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    x = [r["sqrt_kl"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, [r["proxy_score"] for r in rows], marker=".", label="proxy reward (reward model)")
+    if rows[0].get("gold_score") is not None:
+        ax.plot(x, [r["gold_score"] for r in rows], marker=".", label="gold score (simulated annotator)")
+    ax.set_xlabel("sqrt(KL to the SFT model), nats^0.5")
+    ax.set_ylabel("mean score of the rollouts")
+    ax.set_title("Reward-model overoptimisation during PPO")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "overoptimisation.png", dpi=100)
+    plt.close(fig)
+
+
+def train(cfg: PPOConfig, parent: Path, reward_dir: Path, out: Path, data_files: list[Path] | None = None,
+          resume: bool = False, log=print) -> Path:
+    started, t0 = methods.now(), time.time()
+    device = pick_device(cfg.device)
+    policy, tokenizer, lineage = load_language_model(parent)
+    reward_model, reward_tokenizer, _ = load_reward_model(reward_dir)
+    if reward_tokenizer.tk.to_str() != tokenizer.tk.to_str():
+        raise StagewiseError(f"{reward_dir}: the reward model's tokenizer differs from {parent}'s")
+    prompts_text = load_prompts(cfg, data_files)
+    if len(prompts_text) < cfg.rollout_batch:
+        raise StagewiseError(f"ppo: {len(prompts_text)} prompts, fewer than one rollout batch of {cfg.rollout_batch}")
+    if cfg.rollout_batch % cfg.minibatch:
+        raise StagewiseError(f"ppo: rollout_batch {cfg.rollout_batch} must be a multiple of minibatch {cfg.minibatch}")
+    mode = common.prepare_out(out, resume)
+    if mode == "finished":
+        log(f"ppo: {out} is already finished; nothing to do")
+        return out
+
+    seed_everything(cfg.seed)
+    policy = policy.to(device)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    critic = copy.deepcopy(reward_model).to(device)
+    reward_model = reward_model.to(device).eval().requires_grad_(False)
+    optimizer = make_optimizer(policy, cfg.optim)
+    value_optimizer = torch.optim.AdamW(critic.parameters(), lr=cfg.value_lr, weight_decay=0.0)
+    batches = IndexBatches(len(prompts_text), cfg.rollout_batch, cfg.seed)
+    prompt_ids = [tokenizer.render_chat([{"role": "user", "content": p}], add_generation_prompt=True)[0]
+                  for p in prompts_text]
+    stop = [tokenizer.im_end_id, tokenizer.endoftext_id]
+    people = None if data_files else make_world(cfg.world).people_by_name
+    kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+    curve: list[dict] = []
+    iteration = 0
+    if mode == "resume" and (state := common.restore_state(out, policy, optimizer, batches, log)):
+        critic.load_state_dict(state["critic"])
+        value_optimizer.load_state_dict(state["value_optimizer"])
+        kl_ctl.value, curve, iteration = state["kl_coef"], state["curve"], state["step"]
+        log(f"ppo: resumed at iteration {iteration}")
+    log(f"ppo: {len(prompts_text):,} prompts; {cfg.iterations} iterations of {cfg.rollout_batch} rollouts, "
+        f"{cfg.ppo_epochs} epochs of minibatches of {cfg.minibatch}, kl_coef {cfg.kl_coef}"
+        f"{' (adaptive)' if cfg.adaptive_kl else ''} on {device}")
+
+    metrics = MetricsLog(out / "metrics.jsonl")
+    progress = Progress("ppo", cfg.iterations)
+    while iteration < cfg.iterations:
+        # 1. Rollouts.
+        index = batches.next()
+        prompts = [prompt_ids[i] for i in index]
+        policy.eval()
+        room = policy.cfg.max_seq_len - max(len(p) for p in prompts)
+        responses = engine.generate(policy, prompts, max_new_tokens=min(cfg.max_new_tokens, room),
+                                    temperature=cfg.temperature, stop_ids=stop, seed=cfg.seed * 1_000_003 + iteration)
+        ended = torch.tensor([r[-1] in stop for r in responses], device=device)
+        with torch.no_grad():
+            old_logprobs, mask = engine.sequence_logprobs(policy, prompts, responses, temperature=cfg.temperature)
+            ref_logprobs, _ = engine.sequence_logprobs(reference, prompts, responses, temperature=cfg.temperature)
+            old_values = gather_values(critic, prompts, responses, tokenizer.pad_id, device)
+            scores = score(reward_model, prompts, responses, tokenizer.pad_id, device)
+            scores = scores - cfg.missing_eos_penalty * (~ended).float()
+            # 2. KL-penalised per-token rewards, the score on each response's last token.
+            kl = kl_per_token(old_logprobs, ref_logprobs) * mask
+            rewards = -kl_ctl.value * kl
+            last = mask.sum(-1) - 1
+            rewards[torch.arange(len(responses)), last] += scores
+            advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages:
+                advantages = whiten(advantages, mask)
+
+        # 3. PPO epochs over minibatches.
+        policy.train()
+        stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approxkl", "vf_clipfrac")}
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(len(responses)).tolist()
+            for start in range(0, len(order), cfg.minibatch):
+                mb = order[start:start + cfg.minibatch]
+                mb_prompts, mb_responses = [prompts[i] for i in mb], [responses[i] for i in mb]
+                R = max(len(r) for r in mb_responses)
+                logprobs, mb_mask = engine.sequence_logprobs(policy, mb_prompts, mb_responses,
+                                                             temperature=cfg.temperature)
+                pg_loss, pg_stats = ppo_policy_loss(logprobs, old_logprobs[mb, :R], advantages[mb, :R], mb_mask,
+                                                    cfg.clip)
+                values = gather_values(critic, mb_prompts, mb_responses, tokenizer.pad_id, device)
+                vf_loss, vf_stats = ppo_value_loss(values, old_values[mb, :R], returns[mb, :R], mb_mask,
+                                                   cfg.value_clip)
+                (pg_loss + cfg.vf_coef * vf_loss).backward()
+                if cfg.optim.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.optim.grad_clip)
+                optimizer.step()
+                value_optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                value_optimizer.zero_grad(set_to_none=True)
+                for key, value in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("clipfrac", pg_stats["clipfrac"]),
+                                   ("approxkl", pg_stats["approxkl"]), ("vf_clipfrac", vf_stats["clipfrac"])):
+                    stats[key].append(value.item())
+        iteration += 1
+
+        # 4. What people read in TRL and OpenRLHF, and the annotator beside the proxy.
+        kl_sum = kl.sum(-1).mean().item()
+        record = {
+            "iteration": iteration,
+            "objective/kl": kl_sum,
+            "objective/kl_coef": kl_ctl.value,
+            "objective/scores": scores.mean().item(),
+            "objective/rlhf_reward": (scores - kl_ctl.value * kl.sum(-1)).mean().item(),
+            "objective/entropy": (-old_logprobs * mask).sum(-1).mean().item(),
+            "policy/clipfrac": sum(stats["clipfrac"]) / len(stats["clipfrac"]),
+            "policy/approxkl": sum(stats["approxkl"]) / len(stats["approxkl"]),
+            "loss/policy": sum(stats["pg_loss"]) / len(stats["pg_loss"]),
+            "val/vf_loss": sum(stats["vf_loss"]) / len(stats["vf_loss"]),
+            "val/clipfrac": sum(stats["vf_clipfrac"]) / len(stats["vf_clipfrac"]),
+            "val/mean": masked_mean(old_values, mask).item(),
+            "response/length": mask.sum(-1).float().mean().item(),
+            "response/eos_rate": ended.float().mean().item(),
+        }
+        gold = None
+        if people is not None:
+            texts = [tokenizer.decode(r[:-1] if r[-1] in stop else r) for r in responses]
+            gold = sum(annotator.gold_score(prompts_text[i], t, people) for i, t in zip(index, texts)) / len(texts)
+            record["gold/score"] = gold
+        metrics.write(**record)
+        curve.append({"iteration": iteration, "kl": kl_sum, "sqrt_kl": math.sqrt(max(kl_sum, 0.0)),
+                      "proxy_score": record["objective/scores"], "gold_score": gold})
+        progress.update(iteration, score=record["objective/scores"], kl=kl_sum,
+                        **({"gold": gold} if gold is not None else {}))
+        if cfg.adaptive_kl:
+            kl_ctl.update(kl_sum, cfg.rollout_batch)
+        if iteration % cfg.checkpoint_every == 0 and iteration < cfg.iterations:
+            common.save_state(out, iteration, policy, optimizer, batches, critic=critic.state_dict(),
+                              value_optimizer=value_optimizer.state_dict(), kl_coef=kl_ctl.value, curve=curve)
+    progress.close()
+
+    write_overoptimisation(out, curve)
+    final = {"iterations": iteration, "final_kl": curve[-1]["kl"], "final_proxy_score": curve[-1]["proxy_score"],
+             "final_gold_score": curve[-1]["gold_score"], "seconds": round(time.time() - t0, 1)}
+    metrics.write(**final)
+    log("ppo: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items()))
+    entry = methods.lineage_entry(
+        "ppo", parent=str(parent), data_sha256=common.data_sha256(prompts_text),
+        config={**dataclasses.asdict(cfg), "reward_model": str(reward_dir)}, metrics=final,
+        weights_sha256=weights_sha256(policy), started=started)
+    save_model_dir(out, policy, tokenizer, lineage + [entry])
+    common.finish_out(out, cfg.keep_train_state)
+    log(f"ppo: wrote {out}")
+    return out
