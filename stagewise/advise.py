@@ -55,7 +55,8 @@ def advise(*, no_weight_updates: bool = False, goal: str | None = None,
     available = None if have is None else set(have)
     unknown = sorted((available or set()) - set(methods.DATA_KINDS))
     if unknown:
-        raise StagewiseError(f"advise: unknown data kind {unknown[0]!r}; expected any of {', '.join(methods.DATA_KINDS)}")
+        raise StagewiseError(f"advise: unknown data kind {unknown[0]!r}; "
+                             f"expected any of {', '.join(methods.DATA_KINDS)}")
     produced_by: dict[str, str] = {}  # kind -> the recommended method that makes it
     advice = Advice()
     for m in methods.CATALOGUE.values():
@@ -72,7 +73,8 @@ def advise(*, no_weight_updates: bool = False, goal: str | None = None,
                 met = [k for k in group if k in available]
                 if met:
                     kind = met[0].replace("_", " ")
-                    sources.append(f"the {kind} from {produced_by[met[0]]}" if met[0] in produced_by else f"your {kind}")
+                    maker = produced_by.get(met[0])
+                    sources.append(f"the {kind} from {maker}" if maker else f"your {kind}")
                     continue
                 missing = f"needs {m.needs} ({' or '.join(group)}), which --have does not list"
                 makers = [p.id for p in methods.CATALOGUE.values() if p.produces in group]

@@ -45,6 +45,7 @@ import torch
 
 from stagewise import engine
 from stagewise.errors import StagewiseError
+from stagewise.model import Transformer
 from stagewise.tokenizer import Tokenizer
 
 # The world's record layout (json.dumps defaults), and no free whitespace a weak model could
@@ -107,8 +108,8 @@ def choice(options: Sequence[str], *, where: str = "choice list") -> Constraint:
         raise StagewiseError(f"{where}: needs at least one option, each a non-empty string; got {options!r}")
     # Lark string literals take JSON's escapes, so any option text can be quoted this way.
     lark_text = "start: " + " | ".join(json.dumps(o, ensure_ascii=False) for o in options)
-    return _compiled("choice", json.dumps(options, ensure_ascii=False), llguidance.LLMatcher.grammar_from_lark(lark_text),
-                     where)
+    grammar = llguidance.LLMatcher.grammar_from_lark(lark_text)
+    return _compiled("choice", json.dumps(options, ensure_ascii=False), grammar, where)
 
 
 def lark(grammar: str, *, where: str = "Lark grammar") -> Constraint:
@@ -119,21 +120,43 @@ def lark(grammar: str, *, where: str = "Lark grammar") -> Constraint:
 # ----------------------------------------------------------------------------- the llguidance tokenizer
 
 # Building an llguidance tokenizer walks the whole vocabulary: once per (tokenizer, size, eos).
+# Compiling a grammar for it takes a few hundred microseconds, copying a compiled matcher one:
+# each tokenizer keeps the compiled matchers of the constraints it has served.
 _LL_TOKENIZERS: "weakref.WeakKeyDictionary[Tokenizer, dict]" = weakref.WeakKeyDictionary()
+_MAX_COMPILED = 256
 
 
 def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int, eos_id: int) -> llguidance.LLTokenizer:
     """llguidance's view of `tokenizer`, its vocabulary padded to `vocab_size` ids (the model's
     logits width; ids past the tokenizer's are never allowed) and `eos_id` as the token that
     ends a complete output."""
+    return _served(tokenizer, vocab_size, eos_id)[0]
+
+
+def _served(tokenizer: Tokenizer, vocab_size: int, eos_id: int) -> tuple[llguidance.LLTokenizer, dict]:
     if vocab_size < tokenizer.vocab_size:
         raise StagewiseError(f"constrained: the model's vocab_size {vocab_size} is smaller than the "
                              f"tokenizer's {tokenizer.vocab_size} ids")
     per_tokenizer = _LL_TOKENIZERS.setdefault(tokenizer, {})
     key = (vocab_size, eos_id)
     if key not in per_tokenizer:
-        per_tokenizer[key] = llguidance.LLTokenizer(tokenizer.tk.to_str(), n_vocab=vocab_size, eos_token=eos_id)
+        lltok = llguidance.LLTokenizer(tokenizer.tk.to_str(), n_vocab=vocab_size, eos_token=eos_id)
+        per_tokenizer[key] = (lltok, {})
     return per_tokenizer[key]
+
+
+def matcher(tokenizer: Tokenizer, constraint: Constraint, *, vocab_size: int, eos_id: int) -> llguidance.LLMatcher:
+    """A fresh llguidance matcher for `constraint`, or a StagewiseError with llguidance's message."""
+    lltok, compiled = _served(tokenizer, vocab_size, eos_id)
+    if constraint not in compiled:
+        m = llguidance.LLMatcher(lltok, constraint.grammar, log_level=0)
+        if m.is_error():
+            raise StagewiseError(f"constrained: {constraint.kind} {constraint.source[:80]!r} does not compile: "
+                                 f"{m.get_error().strip()}")
+        if len(compiled) >= _MAX_COMPILED:
+            compiled.clear()
+        compiled[constraint] = m
+    return compiled[constraint].deep_copy()
 
 
 # ----------------------------------------------------------------------------- the logits processor
@@ -156,20 +179,13 @@ class ConstrainedDecoding:
             raise StagewiseError(f"constrained: {len(constraints)} constraints for {n_prompts} prompts")
         self.vocab_size = vocab_size
         self.stop_id = stop_id
-        lltok = ll_tokenizer(tokenizer, vocab_size, stop_id)
-        fresh: dict[Constraint, llguidance.LLMatcher] = {}  # one compiled matcher per distinct constraint
-        for c in constraints:
-            if c is not None and c not in fresh:
-                m = llguidance.LLMatcher(lltok, c.grammar, log_level=0)
-                if m.is_error():
-                    raise StagewiseError(f"constrained: {c.kind} {c.source[:80]!r} does not compile: "
-                                         f"{m.get_error().strip()}")
-                fresh[c] = m
-        # Copying a compiled matcher takes a microsecond; compiling one again, a few hundred.
-        self.matchers = [None if c is None else fresh[c].deep_copy() for c in constraints]
+        self.matchers = [None if c is None else matcher(tokenizer, c, vocab_size=vocab_size, eos_id=stop_id)
+                         for c in constraints]
         self.n_constrained = sum(m is not None for m in self.matchers)
         words = (vocab_size + 31) // 32
         self.bitmask = np.zeros((max(1, self.n_constrained), words), dtype=np.int32)  # (R, V/32)
+        self._row_bytes = 4 * words
+        self._address = self.bitmask.ctypes.data  # looked up once: `.ctypes` costs a microsecond a call
 
     def __call__(self, step: int, logits: torch.Tensor, rows: list[int], generated: list[list[int]]) -> torch.Tensor:
         pairs = [(j, self.matchers[r]) for j, r in enumerate(rows) if self.matchers[r] is not None]
@@ -181,18 +197,18 @@ class ConstrainedDecoding:
                 if not m.consume_token(generated[rows[j]][-1]):
                     raise StagewiseError(f"constrained: prompt {rows[j]}: token rejected by the grammar "
                                          f"({m.get_error().strip()})")
-        n, bitmask = len(pairs), self.bitmask
-        words = bitmask.shape[1]
+        n = len(pairs)
         for i, (_, m) in enumerate(pairs):
-            m.unsafe_compute_mask_ptr(bitmask.ctypes.data + 4 * words * i, 4 * words)  # row i of the bitmask
-        # Bit t % 32 of little-endian word t // 32 is token t: as bytes, little bit order.
-        allowed = np.unpackbits(bitmask[:n].view(np.uint8), axis=1, count=self.vocab_size, bitorder="little")
-        forbidden = torch.from_numpy(allowed).to(logits.device) == 0  # (n, V)
-        dead = forbidden.all(dim=1)
+            m.unsafe_compute_mask_ptr(self._address + self._row_bytes * i, self._row_bytes)  # row i of the bitmask
+        bitmask = self.bitmask[:n]
+        dead = ~bitmask.any(axis=1)  # llguidance never sets bits past vocab_size
         if dead.any():
-            r = rows[pairs[int(dead.nonzero()[0])][0]]
+            r = rows[pairs[int(dead.nonzero()[0][0])][0]]
             raise StagewiseError(f"constrained: prompt {r}: the grammar allows no next token "
                                  f"({self.matchers[r].get_error().strip() or 'no continuation'})")
+        # Bit t % 32 of little-endian word t // 32 is token t: as bytes, little bit order.
+        allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, count=self.vocab_size, bitorder="little")
+        forbidden = torch.from_numpy(allowed == 0).to(logits.device)  # (n, V)
         if n == len(rows):
             return logits.masked_fill_(forbidden, float("-inf"))
         index = torch.tensor([j for j, _ in pairs], device=logits.device)
@@ -205,7 +221,7 @@ def is_complete(out: list[int], stop_id: int) -> bool:
     return bool(out) and out[-1] == stop_id
 
 
-def generate(model, tokenizer: Tokenizer, prompts: list[list[int]],
+def generate(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]],
              constraints: Constraint | Sequence[Constraint | None], *, stop_ids: Sequence[int],
              max_new_tokens: int, **sampling) -> list[list[int]]:
     """`engine.generate` under constraints. The first of `stop_ids` ends a complete output;

@@ -25,8 +25,10 @@ from pathlib import Path
 
 from stagewise import constrained, engine, methods, prompting
 from stagewise.errors import StagewiseError
+from stagewise.model import Transformer
 from stagewise.model_dir import load_model_dir
-from stagewise.prompting import CHAT_METHODS, is_chat_model, stop_ids  # noqa: F401  (this module's API before prompting.py)
+# Kept importable from here, where they were before prompting.py.
+from stagewise.prompting import CHAT_METHODS, is_chat_model, stop_ids  # noqa: F401
 from stagewise.tokenizer import Tokenizer
 
 
@@ -41,7 +43,7 @@ class Answer:
     stopped: bool  # ended by a stop token, not by the token budget (constrained: complete)
 
 
-def answers(model, tokenizer: Tokenizer, prompts: Sequence[str], *, chat: bool, max_new_tokens: int,
+def answers(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], *, chat: bool, max_new_tokens: int,
             system: str | None = None, demonstrations: Sequence[list[dict]] = (),
             constraint: constrained.Constraint | Sequence[constrained.Constraint | None] | None = None,
             **sampling) -> list[Answer]:
@@ -69,7 +71,7 @@ def answers(model, tokenizer: Tokenizer, prompts: Sequence[str], *, chat: bool, 
             for o, r in zip(outs, rendered)]
 
 
-def complete(model, tokenizer: Tokenizer, prompts: list[str], *, chat: bool, max_new_tokens: int,
+def complete(model: Transformer, tokenizer: Tokenizer, prompts: list[str], *, chat: bool, max_new_tokens: int,
              **kwargs) -> list[str]:
     """Responses as text, each without its stop token. kwargs: those of `answers`."""
     return [a.text for a in answers(model, tokenizer, prompts, chat=chat, max_new_tokens=max_new_tokens, **kwargs)]
