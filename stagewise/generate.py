@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from stagewise import constrained, engine, methods, prompting
@@ -59,16 +59,35 @@ def answers(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], *,
                              f"demonstrations; the model's context is {max_len} tokens (use fewer demonstrations)")
     max_new_tokens = min(max_new_tokens, max_len - longest)
     ids, stops = [r.ids for r in rendered], rendered[0].stop_ids
-    if constraint is not None:
-        outs = constrained.generate(model, tokenizer, ids, constraint, stop_ids=stops,
-                                    max_new_tokens=max_new_tokens, **sampling)
-    else:
-        stop_text = rendered[0].stop_text
-        processor = prompting.StopAtText(tokenizer, stop_text, stops[0]) if stop_text else None
-        outs = engine.generate(model, ids, max_new_tokens=max_new_tokens, stop_ids=stops,
-                               logits_processor=processor, **sampling)
-    return [Answer(prompting.response_text(tokenizer, o, r), o, bool(o) and o[-1] in r.stop_ids)
-            for o, r in zip(outs, rendered)]
+    if constraint is None or isinstance(constraint, constrained.Constraint):
+        constraint = [constraint] * len(prompts)
+    if len(constraint) != len(prompts):
+        raise StagewiseError(f"{len(constraint)} constraints for {len(prompts)} prompts")
+    # A constrained answer ends where its grammar does; free ones (base few-shot) at the stop text.
+    processors = []
+    if any(c is not None for c in constraint):
+        processors.append(constrained.ConstrainedDecoding(tokenizer, constraint, len(prompts),
+                                                          vocab_size=model.cfg.vocab_size, stop_id=stops[0]))
+    free = [i for i, c in enumerate(constraint) if c is None]
+    stop_text = rendered[0].stop_text
+    if stop_text and free:
+        processors.append(prompting.StopAtText(tokenizer, stop_text, stops[0], only=free))
+    outs = engine.generate(model, ids, max_new_tokens=max_new_tokens, stop_ids=stops,
+                           logits_processor=_chain(processors), **sampling)
+    return [Answer(prompting.response_text(tokenizer, o, r if c is None else replace(r, stop_text=None)), o,
+                   bool(o) and o[-1] in r.stop_ids)
+            for o, r, c in zip(outs, rendered, constraint)]
+
+
+def _chain(processors: list[engine.LogitsProcessor]) -> engine.LogitsProcessor | None:
+    if len(processors) <= 1:
+        return processors[0] if processors else None
+
+    def chained(step, logits, rows, generated):
+        for processor in processors:
+            logits = processor(step, logits, rows, generated)
+        return logits
+    return chained
 
 
 def complete(model: Transformer, tokenizer: Tokenizer, prompts: list[str], *, chat: bool, max_new_tokens: int,

@@ -37,7 +37,7 @@ for a model that was never taught to answer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,14 +129,17 @@ class StopAtText:
     generated text contains `text`: the engine stops rows on token ids only, and a blank line
     is not one token (BPE splits newlines differently depending on what follows them)."""
 
-    def __init__(self, tokenizer: Tokenizer, text: str, stop_id: int):
+    def __init__(self, tokenizer: Tokenizer, text: str, stop_id: int, only: Iterable[int] | None = None):
         self.tokenizer, self.text, self.stop_id = tokenizer, text, stop_id
         self.window = len(text.encode("utf-8"))  # every token is at least one byte
+        self.only = None if only is None else set(only)  # the prompts it applies to; default all
 
     def __call__(self, step: int, logits: torch.Tensor, rows: list[int], generated: list[list[int]]) -> torch.Tensor:
         if step == 0:
             return logits
         for j, r in enumerate(rows):
+            if self.only is not None and r not in self.only:
+                continue
             # Checked every step, so a new occurrence ends within the last `window` tokens.
             if self.text in self.tokenizer.decode(generated[r][-self.window:]):
                 logits[j] = float("-inf")

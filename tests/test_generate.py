@@ -91,6 +91,19 @@ def test_complete_keeps_its_signature(model_dirs):
     assert choices[0] in ("oui", "non")
 
 
+def test_base_few_shot_mixes_constrained_and_free_rows(model_dirs):
+    from stagewise.model_dir import load_model_dir
+    model, tokenizer, _ = load_model_dir(model_dirs[0])
+    demos = [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]]
+    two_paragraphs = generate.constrained.regex("[a-z]{1,3}\n\n[a-z]{1,3}")
+    out = generate.answers(model, tokenizer, ["q", "r"], chat=False, max_new_tokens=30, demonstrations=demos,
+                           constraint=[two_paragraphs, None], temperature=1.0, seed=0)
+    # The grammar ends the constrained answer (a blank line inside it is not the end) ...
+    assert out[0].stopped and re.fullmatch("[a-z]{1,3}\n\n[a-z]{1,3}", out[0].text)
+    # ... and the free one is cut at the blank line that closes an entry.
+    assert "\n\n" not in out[1].text
+
+
 def test_bad_input_exits_2_naming_the_file(model_dirs, capsys, tmp_path):
     base, _ = model_dirs
     bad = tmp_path / "bad_schema.json"
