@@ -7,7 +7,8 @@ is taken for a base model.
 
 Inference-time methods stack on any model: `--system` (system prompt), `--few-shot FILE`
 (demonstrations, see stagewise/prompting.py for how each format shows them) and one constraint,
-`--json-schema FILE`, `--regex RE` or `--choice A,B,...` (stagewise/constrained.py). Each run
+`--json-schema FILE`, `--regex RE` or `--choice A,B,...` (stagewise/constrained.py); `--layout
+world` shows a base model the embedded world's own page for the prompt. Each run
 hashes the weights before and after; `--json` prints the answer with that check
 (`weights_unchanged`), the methods applied and whether a constrained answer is complete.
 Without `--json` only the answer is printed, and a run that changed the weights (a bug) is an
@@ -46,12 +47,18 @@ class Answer:
 def answers(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], *, chat: bool, max_new_tokens: int,
             system: str | None = None, demonstrations: Sequence[list[dict]] = (),
             constraint: constrained.Constraint | Sequence[constrained.Constraint | None] | None = None,
-            **sampling) -> list[Answer]:
+            layout: str = "plain", **sampling) -> list[Answer]:
     """Answer `prompts` in one batch, with an optional system prompt, demonstrations and
-    constraint (one for all prompts, or one per prompt with None for free text). `sampling`:
-    temperature, top_k, top_p, seed. max_new_tokens shrinks to fit the model's context."""
-    rendered = [prompting.render(tokenizer, p, chat=chat, system=system, demonstrations=demonstrations)
-                for p in prompts]
+    constraint (one for all prompts, or one per prompt with None for free text). layout, for a
+    base model: "plain", or "world" for the embedded world's pages (`prompting.world_page`).
+    `sampling`: temperature, top_k, top_p, seed. max_new_tokens shrinks to fit the context."""
+    rendered = []
+    for p in prompts:
+        page, question, demos = prompting.PLAIN, p, demonstrations
+        if layout == "world" and not chat:
+            page, question, demos = prompting.world_page(p, demonstrations)
+        rendered.append(prompting.render(tokenizer, question, chat=chat, system=system, demonstrations=demos,
+                                         layout=page))
     longest = max(len(r.ids) for r in rendered)
     max_len = model.cfg.max_seq_len
     if longest >= max_len:
@@ -121,6 +128,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", default=None, metavar="TEXT", help="a system prompt (method system_prompt)")
     parser.add_argument("--few-shot", type=Path, default=None, metavar="FILE",
                         help='demonstrations, JSONL of {"prompt", "completion"} or {"messages"} (method few_shot)')
+    parser.add_argument("--layout", choices=("plain", "world"), default="plain",
+                        help="a base model's prompt page: plain entries, or the embedded world's own pages "
+                             "(a phrase book for translation)")
     constraint = parser.add_mutually_exclusive_group()
     constraint.add_argument("--json-schema", type=Path, default=None, metavar="FILE",
                             help="constrain the answer to this JSON schema (method constrained)")
@@ -149,7 +159,8 @@ def command(args: argparse.Namespace) -> int:
     def run() -> Answer:
         (answer,) = answers(model, tokenizer, [args.prompt], chat=chat, max_new_tokens=args.max_new_tokens,
                             system=args.system, demonstrations=demonstrations, constraint=constraint,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                            layout=args.layout, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            seed=args.seed)
         return answer
 
     answer, unchanged = methods.run_inference_method(model, run)

@@ -12,7 +12,8 @@ user turn, then the assistant header. It stops at `<|im_end|>`.
 A base model gets plain text that it can continue, laid out as its pre-training pages are.
 The embedded world's phrase books and vocabulary lists (see world/corpus.py) are a title, a
 blank line, then entries separated by blank lines, each entry an input line followed by its
-output line ("English: ...\\nFrench: ..."). So:
+output line ("English: ...\nFrench: ..."). The generic layout (`PLAIN`) keeps that shape
+without the labels, so it carries over to any task:
 
     <|endoftext|>{system}                  the system prompt, as a page's title paragraph
 
@@ -25,14 +26,22 @@ output line ("English: ...\\nFrench: ..."). So:
     {question}
     _                                       the model continues here
 
-The demonstrations show the pattern "input line, answer line, blank line" in the same shape,
-without labels the corpus never uses, so it carries over to any task; a model that has learned
-the page layout answers on the line after the question and then closes the entry with a blank
-line, as the pages do. That blank line ("\\n\\n") is the stop text: `StopAtText` ends a row
-there and `response_text` cuts the answer at it. A demonstration whose completion itself holds a
-blank line would break the pattern; keep completions to one paragraph. Without demonstrations a
-base model gets the question as raw text to continue, as before: that is what zero-shot means
-for a model that was never taught to answer.
+A `BaseLayout` adds a title and the entry labels; `world_page` picks, for the embedded world,
+the page a base model trained on it knows best. This matters: a pre-trained default-preset
+model given the seed prompt in the generic layout, after two translation demonstrations,
+continues it as a forum thread (instructions only ever appear in forum posts in its corpus,
+followed by chatter), while the same question as a phrase-book entry ("Phrase book: English to
+French", then "English: Hello, how are you?\nFrench:") gets "Bonjour, comment allez-vous ?".
+So for translation `world_page` writes the phrase book (the bare sentence as the entry); other
+families keep the generic layout.
+
+In either layout a model that has learned the pages answers on the output line and closes the
+entry with a blank line, as the pages do. That blank line ("\n\n") is the stop text:
+`StopAtText` ends a row there and `response_text` cuts the answer at it. A demonstration whose
+completion itself holds a blank line would break the pattern; keep completions to one
+paragraph. Without demonstrations or a page layout a base model gets the question as raw text
+to continue, as before: that is what zero-shot means for a model that was never taught to
+answer.
 """
 
 from __future__ import annotations
@@ -79,14 +88,70 @@ def chat_messages(prompt: str, *, system: str | None = None,
     return messages + [{"role": "user", "content": prompt}]
 
 
-def base_text(prompt: str, *, system: str | None = None, demonstrations: Sequence[list[dict]] = ()) -> str:
+@dataclass(frozen=True)
+class BaseLayout:
+    """How a base model's page shows entries: an optional title paragraph, and labels in front
+    of each entry's input line and output line. The default has none (the generic layout)."""
+
+    title: str | None = None
+    prompt_label: str = ""
+    completion_label: str = ""
+
+    @property
+    def is_page(self) -> bool:
+        return bool(self.title or self.prompt_label or self.completion_label)
+
+
+PLAIN = BaseLayout()
+# The embedded world's phrase-book pages, exactly as world/corpus.py writes them.
+PHRASE_BOOKS = {
+    "translate_en_fr": BaseLayout("Phrase book: English to French", "English: ", "French: "),
+    "translate_fr_en": BaseLayout("Phrase book: French to English", "French: ", "English: "),
+}
+
+
+def _entry(demo: list[dict], layout: BaseLayout) -> str:
+    labels = {"user": layout.prompt_label, "assistant": layout.completion_label}
+    return "\n".join(labels.get(m["role"], "") + m["content"] for m in demo)
+
+
+def base_text(prompt: str, *, system: str | None = None, demonstrations: Sequence[list[dict]] = (),
+              layout: BaseLayout = PLAIN) -> str:
     """The text a base model continues (see the module docstring), without <|endoftext|>."""
-    text = system + BLOCK_END if system else ""
+    text = "".join(header + BLOCK_END for header in (system, layout.title) if header)
     for demo in demonstrations:
-        text += "\n".join(m["content"] for m in demo) + BLOCK_END
-    if demonstrations:
-        return text + prompt + "\n"
+        text += _entry(demo, layout) + BLOCK_END
+    if demonstrations or layout.is_page:
+        # The output label without its space: in the pages the space belongs to the answer's
+        # first token (" Bonjour"), so ending on it would ask for a tokenization never seen.
+        return text + layout.prompt_label + prompt + "\n" + layout.completion_label.rstrip(" ")
     return text + prompt
+
+
+def world_page(prompt: str, demonstrations: Sequence[list[dict]] = ()) -> tuple[BaseLayout, str, list[list[dict]]]:
+    """The page of the embedded world's pre-training text that a base model answers `prompt`
+    best in: for a translation instruction, a phrase book (the bare sentence as the entry, and
+    the demonstrations of the same direction as its earlier entries); for anything else, the
+    plain layout with the prompt and demonstrations as they are. Returns (layout, question,
+    demonstrations) for `render`."""
+    from stagewise.world import tasks  # the world is one user of prompting, not a dependency of it
+
+    def parsed(text: str) -> tuple[str, str] | None:
+        found = tasks.parse_prompt(text)
+        if found is None or found[0] not in PHRASE_BOOKS:
+            return None
+        return found[0], found[2]["text"]
+
+    asked = parsed(prompt)
+    if asked is None:
+        return PLAIN, prompt, list(demonstrations)
+    entries = []
+    for demo in demonstrations:
+        turns = [m for m in demo if m["role"] != "system"]
+        shown = parsed(turns[0]["content"]) if len(turns) == 2 and turns[0]["role"] == "user" else None
+        if shown is not None and shown[0] == asked[0]:  # other families would break the page
+            entries.append([{"role": "user", "content": shown[1]}, turns[1]])
+    return PHRASE_BOOKS[asked[0]], asked[1], entries
 
 
 @dataclass(frozen=True)
@@ -104,23 +169,27 @@ def stop_ids(tokenizer: Tokenizer, chat: bool) -> list[int]:
 
 
 def render(tokenizer: Tokenizer, prompt: str, *, chat: bool, system: str | None = None,
-           demonstrations: Sequence[list[dict]] = ()) -> Rendered:
-    """Token ids of `prompt` with an optional system prompt and few-shot demonstrations."""
+           demonstrations: Sequence[list[dict]] = (), layout: BaseLayout = PLAIN) -> Rendered:
+    """Token ids of `prompt` with an optional system prompt and few-shot demonstrations.
+    `layout` applies to base models only (see `world_page` for the embedded world's)."""
     if chat:
         ids, _ = tokenizer.render_chat(chat_messages(prompt, system=system, demonstrations=demonstrations),
                                        add_generation_prompt=True)
         return Rendered(ids, stop_ids(tokenizer, True), True)
-    ids = [tokenizer.endoftext_id] + tokenizer.encode(base_text(prompt, system=system, demonstrations=demonstrations))
-    return Rendered(ids, stop_ids(tokenizer, False), False, BLOCK_END if demonstrations else None)
+    text = base_text(prompt, system=system, demonstrations=demonstrations, layout=layout)
+    page = bool(demonstrations) or layout.is_page
+    return Rendered([tokenizer.endoftext_id] + tokenizer.encode(text), stop_ids(tokenizer, False), False,
+                    BLOCK_END if page else None)
 
 
 def response_text(tokenizer: Tokenizer, out: list[int], rendered: Rendered) -> str:
-    """The answer in generated tokens `out`: without its stop token, cut at the stop text."""
+    """The answer in generated tokens `out`: without its stop token; in a base model's page, the
+    entry's output up to the blank line that closes it, without surrounding whitespace."""
     if out and out[-1] in rendered.stop_ids:
         out = out[:-1]
     text = tokenizer.decode(out)
     if rendered.stop_text is not None:
-        text = text.split(rendered.stop_text, 1)[0]
+        text = text.split(rendered.stop_text, 1)[0].strip()
     return text
 
 

@@ -79,6 +79,10 @@ def test_few_shot_on_a_base_model(model_dirs, capsys, tmp_path):
     assert code == 0, err
     result = json.loads(out)
     assert result["format"] == "raw" and result["methods"] == ["few_shot"] and "\n\n" not in result["text"]
+    code, out, err = run(capsys, "--model", base, "--layout", "world", "--json", "--max-new-tokens", "8",
+                         "Translate into French: I eat.")
+    assert code == 0, err
+    assert "\n\n" not in json.loads(out)["text"]
 
 
 def test_complete_keeps_its_signature(model_dirs):

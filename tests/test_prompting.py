@@ -71,6 +71,29 @@ def test_base_rendering_is_the_page_layout(tokenizer, demo_file):
     assert zero_shot.stop_text is None
 
 
+def test_world_page_is_a_phrase_book_for_translation(tokenizer):
+    demos = [[{"role": "user", "content": "Translate into French: I eat the red apple."},
+              {"role": "assistant", "content": "Je mange la pomme rouge."}],
+             [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5."}],
+             [{"role": "user", "content": "Translate into English: Bonjour."},
+              {"role": "assistant", "content": "Hello."}]]
+    layout, question, entries = prompting.world_page(
+        "Translate the following sentence into French: Hello, how are you?", demos)
+    assert layout == prompting.PHRASE_BOOKS["translate_en_fr"] and question == "Hello, how are you?"
+    assert entries == [[{"role": "user", "content": "I eat the red apple."}, demos[0][1]]]  # same direction only
+    r = prompting.render(tokenizer, question, chat=False, demonstrations=entries, layout=layout)
+    # Exactly a page of world/corpus.py's phrase book, open at the answer.
+    assert tokenizer.decode(r.ids) == ("<|endoftext|>Phrase book: English to French\n\n"
+                                       "English: I eat the red apple.\nFrench: Je mange la pomme rouge.\n\n"
+                                       "English: Hello, how are you?\nFrench:")
+    assert r.stop_text == "\n\n"
+    out = tokenizer.encode(" Bonjour, comment allez-vous ?\n\nEnglish: I") + [tokenizer.endoftext_id]
+    assert prompting.response_text(tokenizer, out, r) == "Bonjour, comment allez-vous ?"
+    zero_shot = prompting.render(tokenizer, question, chat=False, layout=layout)  # a page even without demos
+    assert tokenizer.decode(zero_shot.ids).endswith("French\n\nEnglish: Hello, how are you?\nFrench:")
+    assert prompting.world_page("What is 2 + 3?", demos) == (prompting.PLAIN, "What is 2 + 3?", demos)
+
+
 def test_response_text_drops_stop_token_and_cuts_at_stop_text(tokenizer):
     base = prompting.render(tokenizer, "q", chat=False, demonstrations=[[{"role": "user", "content": "a"},
                                                                        {"role": "assistant", "content": "b"}]])
