@@ -20,6 +20,7 @@ VERBS = {
     "reward": ("stagewise.stages.reward", "train a reward model on preference pairs (Bradley-Terry)"),
     "ppo": ("stagewise.stages.ppo", "RLHF: optimise an SFT model against a reward model with PPO"),
     "dpo": ("stagewise.stages.dpo", "direct preference optimisation of an SFT model on preference pairs"),
+    "run": ("stagewise.run", "the whole pipeline: every stage, evaluated, with a report"),
     "eval": ("stagewise.eval", "measure a model on held-out prompts (SPEC section 5 metrics)"),
     "diagnose": ("stagewise.diagnose", "tell from behaviour which stages a model went through, and what is next"),
     "generate": ("stagewise.generate", "answer one prompt with a model directory"),

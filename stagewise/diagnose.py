@@ -21,7 +21,7 @@ import random
 from pathlib import Path
 
 from stagewise import evaluation
-from stagewise.eval import render, respond, score_responses
+from stagewise.eval import generate_answers, score_responses
 from stagewise.model_dir import load_model_dir
 from stagewise.stages import common
 from stagewise.world import tasks
@@ -86,22 +86,21 @@ def diagnose(path: Path, world: DataConfig) -> dict:
     people = make_world(world).people
     evidence: dict = {"fact_cloze": evaluation.fact_cloze(model, tokenizer, people[:100])["fact_cloze"]}
     answers = {}
+    prompts = [r["prompt"] for r in records]
     for fmt in ("raw", "chat"):
-        rendered = [render(tokenizer, r["prompt"], fmt == "chat") for r in records + [{"prompt": SEED_PROMPT}]]
-        outputs = respond(model, tokenizer, [ids for ids, _ in rendered], rendered[0][1], max_new_tokens=48)
-        texts = [tokenizer.decode(ids) for ids, _ in outputs]
-        scores = score_responses(records, texts[:-1], judge=None)
+        outputs = generate_answers(model, tokenizer, prompts + [SEED_PROMPT], chat=fmt == "chat", max_new_tokens=48)
+        texts = [text for text, _, _, _ in outputs]
+        scores = score_responses(records, texts[:-1])
         evidence[fmt] = {"instruction_following": scores["instruction_following"],
                          "continuation_rate": scores["continuation_rate"],
-                         "stop_rate": sum(s for _, s in outputs[:-1]) / len(records)}
+                         "stop_rate": sum(stopped for _, _, _, stopped in outputs[:-1]) / len(records)}
         answers[fmt] = texts[-1]
     follows = evidence["chat"]["instruction_following"] >= 0.5 and evidence["chat"]["stop_rate"] >= 0.8
     if follows:
-        chat_prompts = [render(tokenizer, r["prompt"], True)[0] for r in records for _ in range(SAMPLES_PER_PROMPT)]
-        sampled = respond(model, tokenizer, chat_prompts, [tokenizer.im_end_id, tokenizer.endoftext_id],
-                          max_new_tokens=48, temperature=1.0, seed=0)
         repeated = [r for r in records for _ in range(SAMPLES_PER_PROMPT)]
-        evidence["sampled_ideal_form"] = ideal_form_share(repeated, [tokenizer.decode(ids) for ids, _ in sampled])
+        sampled = generate_answers(model, tokenizer, [r["prompt"] for r in repeated], chat=True, max_new_tokens=48,
+                                   temperature=1.0, seed=0)
+        evidence["sampled_ideal_form"] = ideal_form_share(repeated, [text for text, _, _, _ in sampled])
 
     if evidence["fact_cloze"] < 0.5 and not follows:
         label = "not pre-trained"

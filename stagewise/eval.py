@@ -7,60 +7,118 @@ are greedy. Each is judged by its family's checker (`instruction_following`, `pe
 whether it answered at all or continued the text (`continuation_rate`), by the simulated
 annotator (`gold_reward`) and, for json_record, by whether the whole response is a valid
 record (`format_valid`). `heldout_loss` is measured on held-out pre-training text.
+
+Inference-time methods apply on top, and the weights are hashed before and after to prove
+they did not change (`weights_unchanged`): few-shot demonstrations and a system prompt
+(prompting), constrained decoding of json_record answers to their schema, and best-of-n
+sampling with a reward model. For a model with an SFT model in its lineage (or `--sft`),
+`win_rate_vs_sft` compares the annotator's scores of both models' greedy answers prompt by
+prompt (ties count half), and `kl_to_sft` estimates KL(model || SFT) per response on the
+model's own samples.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from stagewise import data, engine, evaluation
+from stagewise import constrained, data, engine, evaluation, prompting
+from stagewise.batching import pad_right
 from stagewise.errors import StagewiseError
-from stagewise.model import Transformer
-from stagewise.model_dir import load_model_dir
+from stagewise.model import Transformer, weights_sha256
+from stagewise.model_dir import load_language_model, load_reward_model
+from stagewise.reward_model import RewardModel
 from stagewise.stages import common
 from stagewise.world import annotator, tasks
 from stagewise.world.build import SEED_PROMPT, DataConfig, make_world
 
-CHAT_METHODS = {"sft", "ppo", "dpo"}
 MAX_NEW_TOKENS = 64
+KL_PROMPTS = 200  # prompts sampled for kl_to_sft
+BEST_OF_TEMPERATURE = 1.0
 
 
-def is_chat_model(lineage: list[dict]) -> bool:
-    return any(entry.get("method") in CHAT_METHODS for entry in lineage)
-
-
-def render(tokenizer, prompt: str, chat: bool) -> tuple[list[int], list[int]]:
-    """(prompt ids, stop ids): a user turn for chat models, raw text after <|endoftext|> otherwise."""
-    if chat:
-        ids = tokenizer.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)[0]
-        return ids, [tokenizer.im_end_id, tokenizer.endoftext_id]
-    return [tokenizer.endoftext_id] + tokenizer.encode(prompt), [tokenizer.endoftext_id]
-
-
-def respond(model: Transformer, tokenizer, prompts: list[list[int]], stop_ids: list[int], *,
-            max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 64, **sampling) -> list[tuple[list[int], bool]]:
-    """(response ids without the stop token, whether it stopped) per prompt, batched by length."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[tuple[list[int], bool]] = [([], False)] * len(prompts)
-    stops = set(stop_ids)
+def generate_answers(model: Transformer, tokenizer, prompts: list[str], *, chat: bool, system: str | None = None,
+                     demonstrations: dict[str, list] | list | None = None, tasks_of: list[str] | None = None,
+                     constraints: list | None = None, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 64,
+                     **sampling) -> list[tuple[str, list[int], list[int], bool]]:
+    """(text, prompt ids, response ids with the stop token when there is one, stopped) per prompt.
+    `demonstrations` is one list for every prompt, or a dict from task family (`tasks_of`) to
+    a list. `constraints`: one per prompt (None: free). Batched by prompt length."""
+    rendered = []
+    for i, prompt in enumerate(prompts):
+        demos = demonstrations.get(tasks_of[i], []) if isinstance(demonstrations, dict) else (demonstrations or [])
+        layout = prompting.PLAIN
+        if demos and not chat:  # a base model is shown the world's own page for the task
+            layout, prompt, demos = prompting.world_page(prompt, demos)
+        rendered.append(prompting.render(tokenizer, prompt, chat=chat, system=system, demonstrations=demos,
+                                         layout=layout))
+    order = sorted(range(len(prompts)), key=lambda i: len(rendered[i].ids))
+    out: list = [None] * len(prompts)
     model.eval()
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        room = model.cfg.max_seq_len - max(len(prompts[i]) for i in chunk)
-        results = engine.generate(model, [prompts[i] for i in chunk], max_new_tokens=min(max_new_tokens, room),
-                                  stop_ids=stop_ids, **sampling)
-        for i, ids in zip(chunk, results):
-            stopped = bool(ids) and ids[-1] in stops
-            out[i] = (ids[:-1] if stopped else ids, stopped)
+        ids = [rendered[i].ids for i in chunk]
+        room = min(max_new_tokens, model.cfg.max_seq_len - max(len(p) for p in ids))
+        if room < 1:
+            raise StagewiseError(f"eval: a prompt of {max(len(p) for p in ids)} tokens fills the model's context")
+        stops = rendered[chunk[0]].stop_ids
+        processors = []
+        if constraints is not None and any(constraints[i] is not None for i in chunk):
+            processors.append(constrained.ConstrainedDecoding(tokenizer, [constraints[i] for i in chunk], len(chunk),
+                                                              vocab_size=model.cfg.vocab_size, stop_id=stops[0]))
+        paged = [j for j, i in enumerate(chunk) if rendered[i].stop_text is not None]
+        if paged:
+            processors.append(prompting.StopAtText(tokenizer, prompting.BLOCK_END, stops[0], only=paged))
+        results = engine.generate(model, ids, max_new_tokens=room, stop_ids=stops,
+                                  logits_processor=_chain(processors), **sampling)
+        for i, response in zip(chunk, results):
+            stopped = bool(response) and response[-1] in stops
+            out[i] = (prompting.response_text(tokenizer, response, rendered[i]), rendered[i].ids, response, stopped)
     return out
 
 
-def score_responses(records: list[dict], responses: list[str], judge: Callable[[str, str], float] | None) -> dict:
+def _chain(processors: list):
+    """One logits_processor applying several in turn (None when there are none)."""
+    if not processors:
+        return None
+    if len(processors) == 1:
+        return processors[0]
+
+    def chained(step, logits, rows, generated):
+        for processor in processors:
+            logits = processor(step, logits, rows, generated)
+        return logits
+    return chained
+
+
+def best_of_n(model: Transformer, tokenizer, reward_model: RewardModel, prompts: list[str], n: int, *, chat: bool,
+              seed: int = 0, tasks_of: list[str] | None = None, **kwargs) -> list[str]:
+    """For each prompt, the one of n sampled answers that the reward model scores highest."""
+    repeated_tasks = [t for t in tasks_of for _ in range(n)] if tasks_of else None
+    candidates = generate_answers(model, tokenizer, [p for p in prompts for _ in range(n)], chat=chat,
+                                  temperature=BEST_OF_TEMPERATURE, seed=seed, tasks_of=repeated_tasks, **kwargs)
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(candidates), 128):
+            chunk = candidates[start:start + 128]
+            sequences = []
+            for text, _, _, _ in chunk:
+                prompt_ids, response_ids = common.chat_pair(tokenizer, prompts[(start + len(sequences)) // n], text)
+                sequences.append((prompt_ids + response_ids)[:reward_model.cfg.max_seq_len])
+            lengths = torch.tensor([len(s) for s in sequences])
+            scores += reward_model(pad_right(sequences, tokenizer.pad_id), lengths).tolist()
+    best = []
+    for i in range(len(prompts)):
+        window = scores[i * n:(i + 1) * n]
+        best.append(candidates[i * n + window.index(max(window))][0])
+    return best
+
+
+def score_responses(records: list[dict], responses: list[str], judge=None) -> dict:
     """The instruction metrics for responses to eval records ({"task", "prompt", "reference"})."""
     per_task: dict[str, list[bool]] = {}
     continued, gold, valid = [], [], []
@@ -75,7 +133,7 @@ def score_responses(records: list[dict], responses: list[str], judge: Callable[[
         if task == "json_record":
             valid.append(tasks.format_valid(reference, response))
     correct = [c for values in per_task.values() for c in values]
-    metrics = {
+    return {
         "instruction_following": _mean(correct),
         "continuation_rate": _mean(continued),
         "per_task": {t: _mean(v) for t, v in sorted(per_task.items())},
@@ -83,7 +141,6 @@ def score_responses(records: list[dict], responses: list[str], judge: Callable[[
         "gold_reward": _mean(gold) if gold else None,
         "n_prompts": len(records),
     }
-    return metrics
 
 
 def _mean(values) -> float:
@@ -91,32 +148,99 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def evaluate_model(model: Transformer, tokenizer, lineage: list[dict], *, world: DataConfig,
-                   eval_records: list[dict] | None = None, chat: bool | None = None,
-                   heldout_texts: list[str] | None = None) -> dict:
-    """Every single-model metric that applies, plus the responses to the seed prompt."""
-    chat = is_chat_model(lineage) if chat is None else chat
+def win_rate(scores: list[float], baseline: list[float]) -> float:
+    """Share of prompts where the annotator prefers the model's answer (ties count half)."""
+    return _mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline)])
+
+
+@torch.no_grad()
+def kl_to(model: Transformer, reference: Transformer, tokenizer, prompts: list[str], *, seed: int = 0) -> float:
+    """Mean over prompts of sum_t log model(y_t) - log reference(y_t) on responses sampled from
+    the model: a Monte Carlo estimate of KL(model || reference) per response, in nats."""
+    answers = generate_answers(model, tokenizer, prompts, chat=True, temperature=1.0, seed=seed)
+    total = 0.0
+    for start in range(0, len(answers), 64):
+        chunk = answers[start:start + 64]
+        prompt_ids, responses = [a[1] for a in chunk], [a[2] for a in chunk]
+        logp, mask = engine.sequence_logprobs(model, prompt_ids, responses)
+        ref_logp, _ = engine.sequence_logprobs(reference, prompt_ids, responses)
+        total += ((logp - ref_logp) * mask).sum().item()
+    return total / len(answers)
+
+
+def evaluate_model(model: Transformer, tokenizer, lineage: list[dict] | None, *, world: DataConfig,
+                   eval_records: list[dict] | None = None, chat: bool | None = None, system: str | None = None,
+                   demonstrations: dict | list | None = None, constrain_json: bool = False,
+                   reward_model: RewardModel | None = None, best_of: int = 0, sft: Transformer | None = None,
+                   sft_scores: list[float] | None = None) -> dict:
+    """Every metric that applies to this model and these inference-time methods, plus the
+    responses to the seed prompt. Returns `gold_scores` (per prompt) for win rates elsewhere."""
+    before = weights_sha256(model)
+    chat = prompting.is_chat(lineage) if chat is None else chat
     world_data = common.world_data(world)
     records = eval_records if eval_records is not None else world_data["eval"]
-    texts = heldout_texts if heldout_texts is not None else [r["text"] for r in world_data["heldout_text"]]
     people = make_world(world).people_by_name if eval_records is None else None
-
-    prompts, stop_ids = [], []
-    for record in records + [{"prompt": SEED_PROMPT}]:
-        ids, stop_ids = render(tokenizer, record["prompt"], chat)
-        prompts.append(ids)
-    outputs = respond(model, tokenizer, prompts, stop_ids)
-    texts_out = [tokenizer.decode(ids) for ids, _ in outputs]
+    prompts = [r["prompt"] for r in records]
+    task_of = [r["task"] for r in records]
+    constraints = None
+    if constrain_json:
+        constraints = [constrained.json_schema(r.get("schema") or tasks.json_schema(list(json.loads(r["reference"]))))
+                       if r["task"] == "json_record" else None for r in records]
+    options = dict(chat=chat, system=system, demonstrations=demonstrations)
+    if best_of:
+        if reward_model is None:
+            raise StagewiseError("eval: best-of-n needs a reward model (--reward)")
+        texts = best_of_n(model, tokenizer, reward_model, prompts, best_of, tasks_of=task_of, **options)
+        stopped = None
+    else:
+        answers = generate_answers(model, tokenizer, prompts, tasks_of=task_of, constraints=constraints, **options)
+        texts, stopped = [a[0] for a in answers], [a[3] for a in answers]
     judge = (lambda p, r: annotator.gold_score(p, r, people)) if people is not None else None
-    metrics = score_responses(records, texts_out[:-1], judge)
-    metrics["stop_rate"] = _mean([stopped for _, stopped in outputs[:-1]])
-    tokens = torch.cat([torch.tensor([tokenizer.endoftext_id] + ids) for ids in tokenizer.encode_batch(texts)])
+    metrics = score_responses(records, texts, judge)
+    if stopped is not None:
+        metrics["stop_rate"] = _mean(stopped)
+    seed = generate_answers(model, tokenizer, [SEED_PROMPT], tasks_of=["translate_en_fr"], **options)[0][0]
+    heldout = [r["text"] for r in world_data["heldout_text"]]
+    tokens = torch.cat([torch.tensor([tokenizer.endoftext_id] + ids) for ids in tokenizer.encode_batch(heldout)])
     metrics["heldout_loss"] = evaluation.heldout_loss(model, tokens, model.cfg.max_seq_len)
     metrics["prompt_format"] = "chat" if chat else "raw"
-    metrics["seed_example"] = {"prompt": SEED_PROMPT, "response": texts_out[-1]}
+    metrics["methods"] = [m for m, on in (("system_prompt", system), ("few_shot", demonstrations),
+                                          ("constrained", constrain_json), ("best_of_n", best_of)) if on]
+    if judge is not None:
+        metrics["gold_scores"] = [judge(p, t) for p, t in zip(prompts, texts)]
+        if sft_scores is not None:
+            metrics["win_rate_vs_sft"] = win_rate(metrics["gold_scores"], sft_scores)
+    if sft is not None:
+        sample = random.Random(0).sample(prompts, min(KL_PROMPTS, len(prompts)))
+        metrics["kl_to_sft"] = kl_to(model, sft, tokenizer, sample)
+    metrics["seed_example"] = {"prompt": SEED_PROMPT, "response": seed}
     metrics["examples"] = [{"task": r["task"], "prompt": r["prompt"], "response": t}
-                           for r, t in list(zip(records, texts_out))[:: max(1, len(records) // 12)]]
+                           for r, t in list(zip(records, texts))[:: max(1, len(records) // 12)]]
+    metrics["weights_unchanged"] = weights_sha256(model) == before
     return metrics
+
+
+def sft_parent(lineage: list[dict] | None) -> Path | None:
+    """The directory of the SFT model this model was trained from, when the lineage names one."""
+    for entry in reversed(lineage or []):
+        if entry.get("method") in ("ppo", "dpo") and entry.get("parent"):
+            return Path(entry["parent"])
+    return None
+
+
+def demonstrations_by_task(world: DataConfig, per_task: int = 3) -> dict[str, list]:
+    """Few-shot demonstrations for the embedded world: `per_task` ideal SFT answers per family."""
+    sft = common.world_data(world)["sft"]
+    people = make_world(world).people_by_name
+    out: dict[str, list] = {t: [] for t in tasks.TASKS}
+    for record in sft:
+        prompt, response = (m["content"] for m in record["messages"])
+        example = tasks.solve(prompt, people)
+        if example and response == example.reference and len(out[example.task]) < per_task:
+            out[example.task].append(record["messages"])
+        if all(len(v) == per_task for v in out.values()):
+            break
+    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,6 +249,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='eval JSONL ({"task", "prompt", "reference"}); default: the embedded world')
     parser.add_argument("--format", choices=("auto", "raw", "chat"), default="auto",
                         help="prompt format; auto: chat when the lineage has sft, ppo or dpo")
+    parser.add_argument("--system", default=None, help="system prompt")
+    parser.add_argument("--few-shot", type=Path, default=None,
+                        help="JSONL of demonstrations shown before every prompt; 'world' for the embedded world's "
+                             "own, per task family")
+    parser.add_argument("--constrained", action="store_true",
+                        help="constrain json_record answers to their JSON schema (llguidance)")
+    parser.add_argument("--reward", type=Path, default=None, help="reward model directory, for --best-of")
+    parser.add_argument("--best-of", type=int, default=0, help="best-of-n sampling with the reward model")
+    parser.add_argument("--sft", type=Path, default=None,
+                        help="SFT model for win_rate_vs_sft and kl_to_sft; default: the lineage's parent")
     parser.add_argument("--preset", default="default", help="the preset whose world to evaluate on")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -133,18 +267,36 @@ def command(args: argparse.Namespace) -> int:
     from stagewise import config
     world = config.resolve(DataConfig, "data", args.preset, [])
     records = data.load(args.data, "eval") if args.data else None
-    model, tokenizer, lineage = load_model_dir(args.model)
+    model, tokenizer, lineage = load_language_model(args.model)
+    reward_model = load_reward_model(args.reward)[0] if args.reward else None
+    if args.best_of and reward_model is None:
+        raise StagewiseError("--best-of needs --reward REWARD_DIR")
+    demonstrations = None
+    if args.few_shot is not None:
+        demonstrations = (demonstrations_by_task(world) if str(args.few_shot) == "world"
+                          else prompting.load_demonstrations(args.few_shot))
     chat = None if args.format == "auto" else args.format == "chat"
-    metrics = evaluate_model(model, tokenizer, lineage, world=world, eval_records=records, chat=chat)
+    sft_dir = args.sft or sft_parent(lineage)
+    sft_model, sft_scores = None, None
+    if sft_dir is not None and sft_dir.exists():
+        sft_model, _, sft_lineage = load_language_model(sft_dir)
+        if records is None:
+            sft_scores = evaluate_model(sft_model, tokenizer, sft_lineage, world=world)["gold_scores"]
+    metrics = evaluate_model(model, tokenizer, lineage, world=world, eval_records=records, chat=chat,
+                             system=args.system, demonstrations=demonstrations, constrain_json=args.constrained,
+                             reward_model=reward_model, best_of=args.best_of, sft=sft_model, sft_scores=sft_scores)
+    metrics.pop("gold_scores", None)
     if args.json:
         print(json.dumps(metrics, ensure_ascii=False))
         return 0
-    print(f"{args.model} ({metrics['prompt_format']} prompts, {metrics['n_prompts']} held-out instructions)")
+    methods = f", with {', '.join(metrics['methods'])}" if metrics["methods"] else ""
+    print(f"{args.model} ({metrics['prompt_format']} prompts, {metrics['n_prompts']} held-out instructions{methods})")
     for key in ("heldout_loss", "instruction_following", "continuation_rate", "gold_reward", "format_valid",
-                "stop_rate"):
+                "win_rate_vs_sft", "kl_to_sft", "stop_rate"):
         if metrics.get(key) is not None:
             print(f"  {key:<22} {metrics[key]:.3f}")
     for task, value in metrics["per_task"].items():
         print(f"    {task:<20} {value:.3f}")
+    print(f"  weights_unchanged      {metrics['weights_unchanged']}")
     print(f"  seed prompt: {SEED_PROMPT!r}\n  response:    {metrics['seed_example']['response']!r}")
     return 0

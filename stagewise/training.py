@@ -138,11 +138,22 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-class Progress:
-    """One status line per stage: a live line on a terminal, periodic lines in a log."""
+_display = None  # set by `stagewise run`: one display for the whole pipeline
 
-    def __init__(self, name: str, total: int, enabled: bool = True, stream=None):
-        self.name, self.total, self.enabled = name, total, enabled
+
+def set_display(display) -> None:
+    """Route every Progress to `display(name, step, total, fraction_done, eta_seconds, line)`
+    (None restores the per-stage lines)."""
+    global _display
+    _display = display
+
+
+class Progress:
+    """One status line per stage: a live line on a terminal, periodic lines in a log. `start`
+    is the step a resumed run starts from, so the time left is estimated from this run's pace."""
+
+    def __init__(self, name: str, total: int, enabled: bool = True, stream=None, start: int = 0):
+        self.name, self.total, self.enabled, self.first = name, total, enabled, start
         self.stream = stream or sys.stdout
         self.live = self.stream.isatty()
         self.start = time.perf_counter()
@@ -152,10 +163,14 @@ class Progress:
             return
         elapsed = time.perf_counter() - self.start
         done = step / max(self.total, 1)
-        eta = elapsed / done * (1 - done) if done > 0 else float("nan")
+        pace = (step - self.first) / max(elapsed, 1e-9)
+        eta = (self.total - step) / pace if pace > 0 else float("nan")
         fields = "  ".join(f"{k} {_fmt(v)}" for k, v in values.items())
         line = (f"{self.name} {step:>6}/{self.total} [{'#' * int(20 * done):<20}] {fields}  "
                 f"{_duration(elapsed)} elapsed, {_duration(eta)} left")
+        if _display is not None:
+            _display(self.name, step, self.total, done, eta, line)
+            return
         if self.live:
             self.stream.write("\r" + line)
         else:
@@ -163,7 +178,7 @@ class Progress:
         self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled and self.live:
+        if self.enabled and self.live and _display is None:
             self.stream.write("\n")
             self.stream.flush()
 

@@ -129,7 +129,7 @@ def train(cfg: DPOConfig, parent: Path, out: Path, data_files: list[Path] | None
         f"{cfg.batch_size} pairs on {device}")
 
     metrics = MetricsLog(out / "metrics.jsonl")
-    progress = Progress("dpo", max_steps)
+    progress = Progress("dpo", max_steps, start=step)
     loss_fn = ipo_loss if cfg.loss == "ipo" else dpo_loss
     model.train()
     while step < max_steps:

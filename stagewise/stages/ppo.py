@@ -182,7 +182,7 @@ def train(cfg: PPOConfig, parent: Path, reward_dir: Path, out: Path, data_files:
         f"{' (adaptive)' if cfg.adaptive_kl else ''} on {device}")
 
     metrics = MetricsLog(out / "metrics.jsonl")
-    progress = Progress("ppo", cfg.iterations)
+    progress = Progress("ppo", cfg.iterations, start=iteration)
     while iteration < cfg.iterations:
         # 1. Rollouts.
         index = batches.next()

@@ -130,7 +130,7 @@ def train(cfg: PretrainConfig, out: Path, data_files: list[Path] | None = None, 
     amp = autocast_dtype(device, cfg.dtype)
     metrics = MetricsLog(out / "metrics.jsonl", enabled=main)
     meter = Throughput(model.flops_per_token(cfg.seq_len), matmul_peak_flops(device, amp or torch.float32))
-    progress = Progress("pretrain", cfg.max_steps, enabled=main)
+    progress = Progress("pretrain", cfg.max_steps, enabled=main, start=step)
 
     def evaluate() -> float:
         return evaluation.heldout_loss(model, heldout_tokens, cfg.seq_len, max_windows=cfg.eval_windows)

@@ -133,7 +133,7 @@ def train(cfg: RewardConfig, parent: Path, out: Path, data_files: list[Path] | N
         f"{cfg.batch_size} pairs on {device}")
 
     metrics = MetricsLog(out / "metrics.jsonl")
-    progress = Progress("reward", max_steps)
+    progress = Progress("reward", max_steps, start=step)
     model.train()
     while step < max_steps:
         lr = lr_at(step, max_steps, cfg.optim)

@@ -142,7 +142,7 @@ def train(cfg: SFTConfig, parent: Path, out: Path, data_files: list[Path] | None
     amp = autocast_dtype(device, cfg.dtype)
     metrics = MetricsLog(out / "metrics.jsonl", enabled=main)
     meter = Throughput(model.flops_per_token(), matmul_peak_flops(device, amp or torch.float32))
-    progress = Progress("sft", max_steps, enabled=main)
+    progress = Progress("sft", max_steps, enabled=main, start=step)
 
     def validation_loss() -> float:
         return evaluation.masked_loss(model, heldout, tokenizer.pad_id)
