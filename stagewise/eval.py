@@ -193,7 +193,9 @@ def evaluate_model(model: Transformer, tokenizer, lineage: list[dict] | None, *,
         texts = best_of_n(model, tokenizer, reward_model, prompts, best_of, tasks_of=task_of, **options)
         stopped = None
     else:
-        answers = generate_answers(model, tokenizer, prompts, tasks_of=task_of, constraints=constraints, **options)
+        # A bounded record fits in 128 tokens: room enough that no constrained answer is cut short.
+        answers = generate_answers(model, tokenizer, prompts, tasks_of=task_of, constraints=constraints,
+                                   max_new_tokens=128 if constrain_json else MAX_NEW_TOKENS, **options)
         texts, stopped = [a[0] for a in answers], [a[3] for a in answers]
     judge = (lambda p, r: annotator.gold_score(p, r, people)) if people is not None else None
     metrics = score_responses(records, texts, judge)

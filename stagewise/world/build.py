@@ -131,7 +131,7 @@ def _dedupe(examples: list[tasks.Example]) -> list[tasks.Example]:
 
 
 def _words_for(op: str, rng: random.Random) -> list[str]:
-    k = {"sort": rng.randint(3, 4), "count": rng.randint(2, 7), "upper": rng.randint(1, 3)}[op]
+    k = {"sort": 3, "count": rng.randint(2, 7), "upper": rng.randint(1, 3)}[op]
     return rng.sample(tasks.WORDS, k)
 
 

@@ -122,12 +122,20 @@ def word_op(op: str, words: list[str], template: int) -> Example:
     return Example("word_ops", TEMPLATES[f"word_ops/{op}"][template].format(words=shown), answer)
 
 
+FIELD_SCHEMAS = {
+    "name": {"type": "string", "minLength": 1, "maxLength": 16},
+    "city": {"type": "string", "minLength": 1, "maxLength": 16},
+    "job": {"type": "string", "minLength": 1, "maxLength": 16},
+    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+}
+
+
 def json_schema(keys: list[str]) -> dict:
-    """The JSON schema a json_record answer must satisfy: exactly these keys, typed."""
-    types = {"name": "string", "city": "string", "job": "string", "age": "integer"}
+    """The JSON schema a json_record answer must satisfy: exactly these keys, typed and bounded
+    as a record of the world is (bounds also keep constrained decoding from running on)."""
     return {
         "type": "object",
-        "properties": {k: {"type": types[k]} for k in keys},
+        "properties": {k: FIELD_SCHEMAS[k] for k in keys},
         "required": list(keys),
         "additionalProperties": False,
     }
@@ -245,8 +253,14 @@ def format_valid(reference: str, response: str) -> bool:
         return False
     if not isinstance(value, dict) or list(value) != list(expected):
         return False
-    return all(isinstance(value[k], int) and not isinstance(value[k], bool) if k == "age"
-               else isinstance(value[k], str) for k in value)
+    return all(_fits(value[k], FIELD_SCHEMAS[k]) for k in value)
+
+
+def _fits(value, schema: dict) -> bool:
+    if schema["type"] == "integer":
+        return isinstance(value, int) and not isinstance(value, bool) and \
+            schema["minimum"] <= value <= schema["maximum"]
+    return isinstance(value, str) and schema["minLength"] <= len(value) <= schema["maxLength"]
 
 
 def attempts_answer(task: str, reference: str, response: str) -> bool:

@@ -112,6 +112,6 @@ def test_styles_are_what_they_claim():
 def test_json_schema_matches_keys():
     schema = tasks.json_schema(["name", "age"])
     assert schema["required"] == ["name", "age"]
-    assert schema["properties"]["age"] == {"type": "integer"}
+    assert schema["properties"]["age"] == {"type": "integer", "minimum": 0, "maximum": 120}
     assert schema["additionalProperties"] is False
     json.dumps(schema)
