@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
 import torch
@@ -37,7 +36,6 @@ from stagewise.world import annotator, tasks
 from stagewise.world.build import SEED_PROMPT, DataConfig, make_world
 
 MAX_NEW_TOKENS = 64
-KL_PROMPTS = 200  # prompts sampled for kl_to_sft
 BEST_OF_TEMPERATURE = 1.0
 
 
@@ -154,14 +152,14 @@ def win_rate(scores: list[float], baseline: list[float]) -> float:
 
 
 @torch.no_grad()
-def kl_to(model: Transformer, reference: Transformer, tokenizer, prompts: list[str], *, seed: int = 0) -> float:
-    """Mean over prompts of sum_t log model(y_t) - log reference(y_t) on responses sampled from
-    the model: a Monte Carlo estimate of KL(model || reference) per response, in nats."""
-    answers = generate_answers(model, tokenizer, prompts, chat=True, temperature=1.0, seed=seed)
+def kl_to(model: Transformer, reference: Transformer, answers: list[tuple]) -> float:
+    """Mean over answers of sum_t log model(y_t) - log reference(y_t), for answers sampled from
+    the model (from `generate_answers`): a Monte Carlo estimate of KL(model || reference) per
+    response, in nats."""
     total = 0.0
     for start in range(0, len(answers), 64):
         chunk = answers[start:start + 64]
-        prompt_ids, responses = [a[1] for a in chunk], [a[2] for a in chunk]
+        prompt_ids, responses = [a[1] for a in chunk], [a[2] or [0] for a in chunk]
         logp, mask = engine.sequence_logprobs(model, prompt_ids, responses)
         ref_logp, _ = engine.sequence_logprobs(reference, prompt_ids, responses)
         total += ((logp - ref_logp) * mask).sum().item()
@@ -171,10 +169,14 @@ def kl_to(model: Transformer, reference: Transformer, tokenizer, prompts: list[s
 def evaluate_model(model: Transformer, tokenizer, lineage: list[dict] | None, *, world: DataConfig,
                    eval_records: list[dict] | None = None, chat: bool | None = None, system: str | None = None,
                    demonstrations: dict | list | None = None, constrain_json: bool = False,
-                   reward_model: RewardModel | None = None, best_of: int = 0, sft: Transformer | None = None,
-                   sft_scores: list[float] | None = None) -> dict:
+                   reward_model: RewardModel | None = None, best_of: int = 0, sample: bool = False,
+                   sft: Transformer | None = None, sft_sampled_scores: list[float] | None = None) -> dict:
     """Every metric that applies to this model and these inference-time methods, plus the
-    responses to the seed prompt. Returns `gold_scores` (per prompt) for win rates elsewhere."""
+    responses to the seed prompt. Greedy answers give the instruction metrics and
+    `gold_reward`. With `sample`, every prompt is also answered once by sampling at temperature
+    1 (the policy as PPO trains it; fixed seed): `gold_reward_sampled`, and against the SFT
+    model's sampled scores `win_rate_vs_sft`, and with the SFT model `kl_to_sft` on those
+    samples. `gold_scores_sampled` (per prompt) is returned for comparisons elsewhere."""
     before = weights_sha256(model)
     chat = prompting.is_chat(lineage) if chat is None else chat
     world_data = common.world_data(world)
@@ -210,11 +212,15 @@ def evaluate_model(model: Transformer, tokenizer, lineage: list[dict] | None, *,
                                           ("constrained", constrain_json), ("best_of_n", best_of)) if on]
     if judge is not None:
         metrics["gold_scores"] = [judge(p, t) for p, t in zip(prompts, texts)]
-        if sft_scores is not None:
-            metrics["win_rate_vs_sft"] = win_rate(metrics["gold_scores"], sft_scores)
-    if sft is not None:
-        sample = random.Random(0).sample(prompts, min(KL_PROMPTS, len(prompts)))
-        metrics["kl_to_sft"] = kl_to(model, sft, tokenizer, sample)
+    if sample:
+        samples = generate_answers(model, tokenizer, prompts, tasks_of=task_of, temperature=1.0, seed=0, **options)
+        if judge is not None:
+            metrics["gold_scores_sampled"] = [judge(p, a[0]) for p, a in zip(prompts, samples)]
+            metrics["gold_reward_sampled"] = _mean(metrics["gold_scores_sampled"])
+            if sft_sampled_scores is not None:
+                metrics["win_rate_vs_sft"] = win_rate(metrics["gold_scores_sampled"], sft_sampled_scores)
+        if sft is not None:
+            metrics["kl_to_sft"] = kl_to(model, sft, samples)
     metrics["seed_example"] = {"prompt": SEED_PROMPT, "response": seed}
     metrics["examples"] = [{"task": r["task"], "prompt": r["prompt"], "response": t}
                            for r, t in list(zip(records, texts))[:: max(1, len(records) // 12)]]
@@ -283,18 +289,21 @@ def command(args: argparse.Namespace) -> int:
     if sft_dir is not None and sft_dir.exists():
         sft_model, _, sft_lineage = load_language_model(sft_dir)
         if records is None:
-            sft_scores = evaluate_model(sft_model, tokenizer, sft_lineage, world=world)["gold_scores"]
+            sft_scores = evaluate_model(sft_model, tokenizer, sft_lineage, world=world,
+                                        sample=True)["gold_scores_sampled"]
     metrics = evaluate_model(model, tokenizer, lineage, world=world, eval_records=records, chat=chat,
                              system=args.system, demonstrations=demonstrations, constrain_json=args.constrained,
-                             reward_model=reward_model, best_of=args.best_of, sft=sft_model, sft_scores=sft_scores)
+                             reward_model=reward_model, best_of=args.best_of, sample=sft_model is not None,
+                             sft=sft_model, sft_sampled_scores=sft_scores)
     metrics.pop("gold_scores", None)
+    metrics.pop("gold_scores_sampled", None)
     if args.json:
         print(json.dumps(metrics, ensure_ascii=False))
         return 0
     methods = f", with {', '.join(metrics['methods'])}" if metrics["methods"] else ""
     print(f"{args.model} ({metrics['prompt_format']} prompts, {metrics['n_prompts']} held-out instructions{methods})")
-    for key in ("heldout_loss", "instruction_following", "continuation_rate", "gold_reward", "format_valid",
-                "win_rate_vs_sft", "kl_to_sft", "stop_rate"):
+    for key in ("heldout_loss", "instruction_following", "continuation_rate", "gold_reward", "gold_reward_sampled",
+                "format_valid", "win_rate_vs_sft", "kl_to_sft", "stop_rate"):
         if metrics.get(key) is not None:
             print(f"  {key:<22} {metrics[key]:.3f}")
     for task, value in metrics["per_task"].items():

@@ -147,7 +147,8 @@ def evaluate_all(out: Path, world: DataConfig, say, tick) -> dict:
     run_once("base", lambda: evaluate_model(model("base"), tokenizer, lineage("base"), world=world))
     run_once("base+few_shot", lambda: evaluate_model(model("base"), tokenizer, lineage("base"), world=world,
                                                       demonstrations=demonstrations_by_task(world)))
-    sft_result = run_once("sft", lambda: evaluate_model(model("sft"), tokenizer, lineage("sft"), world=world))
+    sft_result = run_once("sft", lambda: evaluate_model(model("sft"), tokenizer, lineage("sft"), world=world,
+                                                        sample=True))
     run_once("sft+constrained", lambda: evaluate_model(model("sft"), tokenizer, lineage("sft"), world=world,
                                                         constrain_json=True))
     subset = records[::BEST_OF_EVERY]
@@ -164,7 +165,8 @@ def evaluate_all(out: Path, world: DataConfig, say, tick) -> dict:
     run_once("sft+best_of_n", best_of)
     for name in ("ppo", "dpo"):
         run_once(name, lambda name=name: evaluate_model(model(name), tokenizer, lineage(name), world=world,
-                                                          sft=model("sft"), sft_scores=sft_result["gold_scores"]))
+                                                          sample=True, sft=model("sft"),
+                                                          sft_sampled_scores=sft_result["gold_scores_sampled"]))
     run_once("reward_model", lambda: {"pairwise_accuracy": reward_lineage[-1]["metrics"]["pairwise_accuracy"],
                                       "heldout_pairs": reward_lineage[-1]["metrics"]["heldout_pairs"]})
     return results
@@ -218,7 +220,8 @@ def run(preset: str, out: Path, resume: bool, stream=sys.stdout) -> dict:
         stage(7, "eval", lambda say: results.update(evaluate_all(out, world, say, display.progress)) or "")
         summary = {
             "preset": preset,
-            "models": {name: {k: v for k, v in results[name].items() if k != "gold_scores"} for name in EVALUATIONS},
+            "models": {name: {k: v for k, v in results[name].items() if not k.startswith("gold_scores")}
+                       for name in EVALUATIONS},
             "seconds": dict(seconds),
             "seed_example": {"prompt": results["base"]["seed_example"]["prompt"],
                              "base": results["base"]["seed_example"]["response"],
