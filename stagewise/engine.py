@@ -2,7 +2,8 @@
 
 It works on lists of token ids and knows nothing of tokenization or chat formats. Prompts are
 left-padded so they all end at the same cache position: one prefill for the batch, then one
-decode step per new token for the rows still running.
+decode step per new token for the rows still running. With `compile=True` those decode steps run
+through stagewise/fast_decode.py, a compiled step with the same results.
 """
 
 from collections.abc import Callable, Iterable
@@ -31,7 +32,7 @@ def _check_ids(seqs: list[list[int]], what: str, vocab_size: int, allow_empty: b
 def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              stop_ids: Iterable[int] = (), seed: int | None = None,
-             logits_processor: LogitsProcessor | None = None) -> list[list[int]]:
+             logits_processor: LogitsProcessor | None = None, compile: bool = False) -> list[list[int]]:
     """Continue each prompt; return the new tokens of each, in prompt order.
 
     A row stops at the first token in `stop_ids`, which is kept as its last token, or after
@@ -47,6 +48,10 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
     it): at step s the token chosen at step s-1 for prompt r is generated[r][-1], which is how a
     grammar matcher advances. Return (R, V) logits to sample from; set forbidden tokens to -inf
     (editing `logits` in place and returning it is fine). A row must keep some finite logit.
+
+    compile=True runs the decode steps through `fast_decode` (an AOTInductor-compiled step, several
+    times faster at small batch); same tokens, same options. The first call per model shape and
+    batch kind (1, or more) compiles for 10-30 s; later calls, at any batch size, reuse it.
     """
     if not prompts:
         return []
@@ -67,7 +72,12 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
         generator = torch.Generator(device=device).manual_seed(seed)
 
     idx = torch.tensor([[0] * (P - n) + p for p, n in zip(prompts, lengths)], dtype=torch.long, device=device)
-    cache = KVCache(cfg, B, P + max_new_tokens, dtype=base.lm_head.weight.dtype, device=device)
+    if compile:
+        from stagewise.fast_decode import FastDecoder
+        fast = FastDecoder(base, B, P + max_new_tokens, starts=[P - n for n in lengths], next_pos=lengths, slot=P)
+        cache = fast.prefill_cache()  # the eager prefill writes into the compiled step's cache layout
+    else:
+        cache = KVCache(cfg, B, P + max_new_tokens, dtype=base.lm_head.weight.dtype, device=device)
     padded = min(lengths) != P
     if padded:
         # valid[b, s]: may cache slot s be attended to? Pads never; generated slots always.
@@ -86,10 +96,14 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
 
     rows = list(range(B))
     out: list[list[int]] = [[] for _ in range(B)]
+    greedy = None  # the compiled step's own argmax, used when decoding is plain greedy
     for step in range(max_new_tokens):
-        if logits_processor is not None:
-            logits = logits_processor(step, logits, rows, out)
-        tok = sample(logits, temperature, top_k, top_p, generator)  # (R,)
+        if greedy is not None and temperature == 0 and logits_processor is None:
+            tok = greedy  # what sample() would pick, without another operator call
+        else:
+            if logits_processor is not None:
+                logits = logits_processor(step, logits, rows, out)
+            tok = sample(logits, temperature, top_k, top_p, generator)  # (R,)
         keep = []
         for j, (r, t) in enumerate(zip(rows, tok.tolist())):
             out[r].append(t)
@@ -102,17 +116,21 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
             keep_t = torch.tensor(keep, device=device)
             rows = [rows[j] for j in keep]
             tok = tok.index_select(0, keep_t)
-            cache.select_rows(keep_t)
-            if padded:
-                valid, next_pos = valid.index_select(0, keep_t), next_pos.index_select(0, keep_t)
-        if padded:
+            if compile:
+                fast.select_rows(keep_t)
+            else:
+                cache.select_rows(keep_t)
+                if padded:
+                    valid, next_pos = valid.index_select(0, keep_t), next_pos.index_select(0, keep_t)
+        if compile:
+            logits, greedy = fast.step(tok)  # (R, V), (R,)
+        elif padded:
             S = cache.pos + 1
             logits = model(tok[:, None], kv_cache=cache, positions=next_pos[:, None],
-                           attn_mask=valid[:, None, None, :S])  # mask (R, 1, 1, S)
+                           attn_mask=valid[:, None, None, :S])[:, -1]  # mask (R, 1, 1, S)
             next_pos += 1
         else:
-            logits = model(tok[:, None], kv_cache=cache)  # (R, 1, V)
-        logits = logits[:, -1]
+            logits = model(tok[:, None], kv_cache=cache)[:, -1]  # (R, V)
     return out
 
 
