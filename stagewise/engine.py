@@ -50,8 +50,10 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
     (editing `logits` in place and returning it is fine). A row must keep some finite logit.
 
     compile=True runs the decode steps through `fast_decode` (an AOTInductor-compiled step, several
-    times faster at small batch); same tokens, same options. The first call per model shape and
-    batch kind (1, or more) compiles for 10-30 s; later calls, at any batch size, reuse it.
+    times faster at small batch) with the same options and results: its logits differ from the
+    eager ones only by float rounding (summation order), so only a near-tie could pick another
+    token. The first call per model shape and batch kind (1, or more) compiles for 10-30 s; later
+    calls, at any batch size and with any weights of that shape, reuse it.
     """
     if not prompts:
         return []

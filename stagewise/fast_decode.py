@@ -126,6 +126,7 @@ def _compile(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, single:
     # The warnings filter hides torch's own deprecation notices from export and packaging.
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         model = Transformer(cfg).to(device=device, dtype=dtype)
         caches = [torch.zeros(M, B, cfg.n_kv_head, cfg.head_dim, dtype=dtype, device=device)
                   for _ in range(2 * cfg.n_layer)]
@@ -146,8 +147,7 @@ def _compile(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, single:
         with tempfile.TemporaryDirectory(prefix="stagewise_aoti_") as tmp:
             path = torch._inductor.aoti_compile_and_package(
                 program, package_path=os.path.join(tmp, "step.pt2"), inductor_configs=options)
-            # run_single_threaded: generate() never calls one runner from two threads; skips a lock.
-            return torch._inductor.aoti_load_package(path, run_single_threaded=True).loader
+            return torch._inductor.aoti_load_package(path).loader  # loaded into memory: the file may go
 
 
 class FastDecoder:
