@@ -32,8 +32,8 @@ SEED_REFERENCE = lexicon.SEED_PHRASE[1]
 @dataclass
 class DataConfig:
     seed: int = 7
-    n_people: int = 300
-    n_heldout_people: int = 100  # asked about only in evaluation
+    n_people: int = 1000
+    n_heldout_people: int = 200  # asked about only in evaluation
     pretrain_tokens: int = 5_000_000  # approximate, see corpus.approx_tokens
     heldout_text_tokens: int = 50_000
     n_sft: int = 40_000
