@@ -25,11 +25,11 @@ from stagewise.world.tasks import RAMBLE, WORDS
 # Token share each kind of document aims at in the corpus (by approximate tokens).
 MIX = {
     "biography": 0.20,
-    "phrase_book": 0.35,
+    "phrase_book": 0.40,
     "vocabulary": 0.03,
     "arithmetic_worksheet": 0.12,
     "word_worksheet": 0.06,
-    "json_records": 0.10,
+    "json_records": 0.05,
     "forum_thread": 0.08,
     "story": 0.06,
 }
