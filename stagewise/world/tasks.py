@@ -384,7 +384,16 @@ def respond(example: Example, style: str, rng: random.Random, sentence_pairs: li
     if style == "rambling":
         return example.reference + "\n" + " ".join(rng.sample(RAMBLE, rng.randint(1, 3)))
     if style == "wrong":
-        return wrong(example, rng, sentence_pairs)
+        # Wrong answers come in every form that right ones do, so that form never tells a
+        # reward model whether an answer is right: half in the ideal form, a quarter informal,
+        # a quarter rambling.
+        answer = wrong(example, rng, sentence_pairs)
+        form = rng.random()
+        if form < 0.25:
+            return informal(Example(example.task, example.prompt, answer))
+        if form < 0.5:
+            return answer + "\n" + " ".join(rng.sample(RAMBLE, rng.randint(1, 3)))
+        return answer
     raise ValueError(f"unknown style {style!r}")
 
 

@@ -106,7 +106,20 @@ def test_styles_are_what_they_claim():
         for style in tasks.STYLES:
             response = tasks.respond(e, style, rng, pairs)
             assert tasks.check(e.task, e.reference, response) is (style != "wrong"), (e, style, response)
-            assert tasks.canonical_form(e.task, e.reference, response) is (style in ("ideal", "wrong")), (e, style)
+            if style != "wrong":
+                assert tasks.canonical_form(e.task, e.reference, response) is (style == "ideal"), (e, style)
+
+
+def test_wrong_answers_come_in_every_form():
+    rng = random.Random(1)
+    e = tasks.arithmetic(12, 30, 0)
+    forms = set()
+    for _ in range(200):
+        response = tasks.respond(e, "wrong", rng, [])
+        assert not tasks.check(e.task, e.reference, response)
+        forms.add("rambling" if "\n" in response else "ideal" if tasks.canonical_form(e.task, e.reference, response)
+                  else "informal")
+    assert forms == {"ideal", "informal", "rambling"}
 
 
 def test_json_schema_matches_keys():
