@@ -17,8 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
+# --resume: a second `make run` keeps the stages already finished in $(OUT).
 run: setup
-	$(BIN)/stagewise data --preset default --out $(OUT)/data
+	$(BIN)/stagewise run --preset default --out $(OUT) --resume
 
 test: setup
 	$(BIN)/python -m pytest -q
