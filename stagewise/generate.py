@@ -28,13 +28,7 @@ from stagewise import constrained, engine, methods, prompting
 from stagewise.errors import StagewiseError
 from stagewise.model import Transformer
 from stagewise.model_dir import load_model_dir
-# Kept importable from here, where they were before prompting.py.
-from stagewise.prompting import CHAT_METHODS, is_chat_model, stop_ids  # noqa: F401
 from stagewise.tokenizer import Tokenizer
-
-
-def prompt_ids(tokenizer: Tokenizer, prompt: str, chat: bool) -> list[int]:
-    return prompting.render(tokenizer, prompt, chat=chat).ids
 
 
 @dataclass
