@@ -56,6 +56,17 @@ def setup(device: torch.device) -> Dist | None:
     return Dist(rank, world_size, local_rank)
 
 
+def launch(device_name: str, batch_size: int, grad_accum: int) -> tuple[torch.device, Dist | None]:
+    """The device and process group of a training stage (None when not under torchrun), with
+    the global batch checked to split evenly over processes and micro-batches."""
+    from stagewise.training import pick_device
+    device = pick_device(device_name)
+    d = setup(device)
+    if batch_size % (grad_accum * (d.world_size if d else 1)):
+        raise StagewiseError(f"batch_size {batch_size} must be divisible by grad_accum x processes")
+    return device_for(device, d), d
+
+
 def device_for(base: torch.device, d: Dist | None) -> torch.device:
     if d is not None and base.type == "cuda":
         return torch.device("cuda", d.local_rank)

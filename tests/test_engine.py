@@ -6,32 +6,14 @@ import torch
 
 from stagewise.engine import generate, sequence_logprobs
 from stagewise.errors import StagewiseError
-from stagewise.model import ModelConfig, Transformer, weights_sha256
+from stagewise.model import Transformer, weights_sha256
 
-CFG = dict(vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=48, max_seq_len=64)
-PROMPTS = [[5, 17, 200, 31, 9, 44, 101], [12], [250, 3, 77, 8, 19, 140, 66, 23, 90, 4, 11, 280], [60, 61, 62]]
+from engine_cases import PROMPTS, naive_greedy, spread_model
 
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
-    torch.manual_seed(0)
-    m = Transformer(ModelConfig(**CFG)).eval()
-    with torch.no_grad():  # spread the logits so greedy choices are far from ties
-        for p in m.parameters():
-            p.mul_(4.0)
-    return m
-
-
-@torch.no_grad()
-def naive_greedy(model, prompt, n, stop=()):
-    seq, out = list(prompt), []
-    for _ in range(n):
-        t = model(torch.tensor([seq]))[0, -1].argmax().item()
-        out.append(t)
-        seq.append(t)
-        if t in stop:
-            break
-    return out
+    return spread_model()
 
 
 def test_batched_generation_equals_naive_one_by_one(model):

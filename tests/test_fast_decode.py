@@ -12,19 +12,12 @@ from stagewise import fast_decode
 from stagewise.engine import generate
 from stagewise.model import ModelConfig, Transformer
 
-# Grouped-query attention (2 kv heads for 4 query heads), as in tests/test_engine.py.
-CFG = dict(vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=48, max_seq_len=64)
-PROMPTS = [[5, 17, 200, 31, 9, 44, 101], [12], [250, 3, 77, 8, 19, 140, 66, 23, 90, 4, 11, 280], [60, 61, 62]]
+from engine_cases import CFG, PROMPTS, naive_greedy, spread_model
 
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
-    torch.manual_seed(0)
-    m = Transformer(ModelConfig(**CFG)).eval()
-    with torch.no_grad():  # spread the logits so greedy choices are far from ties
-        for p in m.parameters():
-            p.mul_(4.0)
-    return m
+    return spread_model()
 
 
 class EagerStep:
@@ -40,18 +33,6 @@ class EagerStep:
 @pytest.fixture
 def eager_step(monkeypatch):
     monkeypatch.setattr(fast_decode, "compiled_step", lambda cfg, dtype, device, single: EagerStep(cfg, single))
-
-
-@torch.no_grad()
-def naive_greedy(model, prompt, n, stop=()):
-    seq, out = list(prompt), []
-    for _ in range(n):
-        t = model(torch.tensor([seq]))[0, -1].argmax().item()
-        out.append(t)
-        seq.append(t)
-        if t in stop:
-            break
-    return out
 
 
 def stops_leaving_one_row(model) -> set[int]:

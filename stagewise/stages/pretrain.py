@@ -24,7 +24,7 @@ from stagewise.model_dir import save_model_dir
 from stagewise.stages import common
 from stagewise.tokenizer import Tokenizer, train_tokenizer
 from stagewise.training import (MetricsLog, OptimConfig, Progress, Throughput, autocast_dtype, lr_at,
-                                make_optimizer, matmul_peak_flops, pick_device, seed_everything, set_lr,
+                                make_optimizer, matmul_peak_flops, seed_everything, set_lr,
                                 train_step)
 from stagewise.world.build import DataConfig, make_world
 
@@ -81,13 +81,9 @@ def train(cfg: PretrainConfig, out: Path, data_files: list[Path] | None = None, 
           log=print) -> Path:
     started = methods.now()
     t0 = time.time()
-    device = pick_device(cfg.device)
-    dist = distributed.setup(device)
-    device = distributed.device_for(device, dist)
+    device, dist = distributed.launch(cfg.device, cfg.batch_size, cfg.grad_accum)
     main = dist is None or dist.is_main
     say = log if main else (lambda *a, **k: None)
-    if cfg.batch_size % (cfg.grad_accum * (dist.world_size if dist else 1)):
-        raise StagewiseError(f"batch_size {cfg.batch_size} must be divisible by grad_accum x processes")
 
     # Data first: bad input is refused before anything is written.
     texts, heldout_texts, records = load_texts(cfg, data_files)

@@ -27,7 +27,7 @@ from stagewise.model import weights_sha256
 from stagewise.model_dir import load_language_model, save_model_dir
 from stagewise.stages import common
 from stagewise.training import (MetricsLog, OptimConfig, Progress, Throughput, autocast_dtype, lr_at,
-                                make_optimizer, matmul_peak_flops, pick_device, seed_everything, set_lr,
+                                make_optimizer, matmul_peak_flops, seed_everything, set_lr,
                                 train_step)
 from stagewise.world.build import DataConfig
 
@@ -98,14 +98,10 @@ def train(cfg: SFTConfig, parent: Path, out: Path, data_files: list[Path] | None
           log=print) -> Path:
     started = methods.now()
     t0 = time.time()
-    device = pick_device(cfg.device)
-    dist = distributed.setup(device)
-    device = distributed.device_for(device, dist)
+    device, dist = distributed.launch(cfg.device, cfg.batch_size, cfg.grad_accum)
     main = dist is None or dist.is_main
     say = log if main else (lambda *a, **k: None)
     world_size = dist.world_size if dist else 1
-    if cfg.batch_size % (cfg.grad_accum * world_size):
-        raise StagewiseError(f"batch_size {cfg.batch_size} must be divisible by grad_accum x processes")
 
     # Parent and data first: bad input is refused before anything is written.
     model, tokenizer, lineage = load_language_model(parent)
