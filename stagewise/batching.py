@@ -79,18 +79,35 @@ def targets_from_mask(ids: list[int], mask: list[bool]) -> list[int]:
 
 class IndexBatches:
     """Batches of indices into n items, reshuffled every epoch; a partial last batch is
-    dropped. The position is (epoch, cursor), so checkpoints can resume it exactly."""
+    dropped. The position is (epoch, cursor), so checkpoints can resume it exactly.
 
-    def __init__(self, n: int, batch_size: int, seed: int):
+    With `lengths`, batches group items of similar length (as `group_by_length` does in
+    transformers): each run of `megabatch` shuffled batches is sorted by length and cut into
+    batches, whose order is shuffled again. Right padding then costs little compute while each
+    batch still draws from a random slice of the data."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, lengths: list[int] | None = None, megabatch: int = 50):
         if n < batch_size:
             raise ValueError(f"{n} examples are fewer than one batch of {batch_size}")
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"{len(lengths)} lengths for {n} items")
         self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.lengths, self.megabatch = lengths, megabatch
         self.epoch, self.cursor = 0, 0
         self.order = self._order(0)
 
     def _order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.n, generator=g).tolist()
+        order = torch.randperm(self.n, generator=g).tolist()
+        if self.lengths is None:
+            return order
+        size = self.batch_size * self.megabatch
+        order = [i for start in range(0, self.n, size)
+                 for i in sorted(order[start:start + size], key=self.lengths.__getitem__, reverse=True)]
+        full = self.n // self.batch_size * self.batch_size
+        batches = [order[b:b + self.batch_size] for b in range(0, full, self.batch_size)]
+        shuffled = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+        return [i for batch in shuffled for i in batch] + order[full:]
 
     def __len__(self) -> int:
         return self.n // self.batch_size
@@ -123,14 +140,16 @@ def pad_right(rows: list[list[int]], pad: int, multiple: int = 1) -> torch.Tenso
 
 class ExampleBatches:
     """Whole examples, one per row, right-padded to the longest in the batch (rounded up to a
-    multiple of `pad_multiple` so a compiled model sees few distinct shapes). Examples never
+    multiple of `pad_multiple` so a compiled model sees few distinct shapes; `group_by_length`
+    batches examples of similar length together). Examples never
     attend to each other: each row is one example and padding comes after it, so the plain
     causal mask is exact. Shuffled every epoch; resumable like PackedBatches."""
 
     def __init__(self, examples: list[tuple[list[int], list[bool]]], batch_size: int, seed: int, pad_id: int,
-                 pad_multiple: int = 16):
+                 pad_multiple: int = 16, group_by_length: bool = False):
         self.examples = [(ids, targets_from_mask(ids, mask)) for ids, mask in examples]
-        self.index = IndexBatches(len(examples), batch_size, seed)
+        lengths = [len(ids) for ids, _ in examples] if group_by_length else None
+        self.index = IndexBatches(len(examples), batch_size, seed, lengths)
         self.pad_id, self.pad_multiple = pad_id, pad_multiple
 
     def __len__(self) -> int:

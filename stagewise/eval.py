@@ -45,15 +45,20 @@ def generate_answers(model: Transformer, tokenizer, prompts: list[str], *, chat:
                      **sampling) -> list[tuple[str, list[int], list[int], bool]]:
     """(text, prompt ids, response ids with the stop token when there is one, stopped) per prompt.
     `demonstrations` is one list for every prompt, or a dict from task family (`tasks_of`) to
-    a list. `constraints`: one per prompt (None: free). Batched by prompt length."""
+    a list; the first demonstrations are left out of a prompt that they would leave no room
+    to answer in. `constraints`: one per prompt (None: free). Batched by prompt length."""
     rendered = []
     for i, prompt in enumerate(prompts):
         demos = demonstrations.get(tasks_of[i], []) if isinstance(demonstrations, dict) else (demonstrations or [])
         layout = prompting.PLAIN
         if demos and not chat:  # a base model is shown the world's own page for the task
             layout, prompt, demos = prompting.world_page(prompt, demos)
-        rendered.append(prompting.render(tokenizer, prompt, chat=chat, system=system, demonstrations=demos,
-                                         layout=layout))
+        while True:  # as many demonstrations as leave room for an answer, the last ones first
+            r = prompting.render(tokenizer, prompt, chat=chat, system=system, demonstrations=demos, layout=layout)
+            if not demos or len(r.ids) + max_new_tokens <= model.cfg.max_seq_len:
+                break
+            demos = demos[1:]
+        rendered.append(r)
     order = sorted(range(len(prompts)), key=lambda i: len(rendered[i].ids))
     out: list = [None] * len(prompts)
     model.eval()

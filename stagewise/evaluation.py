@@ -55,7 +55,7 @@ def masked_loss(model: Transformer, examples: list[tuple[list[int], list[bool]]]
     return total / max(count, 1)
 
 
-CLOZE = {"city": "{name} lives in", "job": "{name} is a"}
+CLOZE = {"city": "{name} lives in ", "job": "{name} is a "}  # see Tokenizer.prompt_text
 
 
 @torch.no_grad()
@@ -65,7 +65,8 @@ def fact_cloze(model: Transformer, tokenizer, people: list[Person], batch_size: 
     prompts, answers, kinds = [], [], []
     for person in people:
         for attribute, template in CLOZE.items():
-            prompts.append([tokenizer.endoftext_id] + tokenizer.encode(template.format(name=person.name)))
+            text = tokenizer.prompt_text(template.format(name=person.name))
+            prompts.append([tokenizer.endoftext_id] + tokenizer.encode(text))
             answers.append(person.value(attribute))
             kinds.append(attribute)
     was_training = model.training

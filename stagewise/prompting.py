@@ -122,9 +122,9 @@ def base_text(prompt: str, *, system: str | None = None, demonstrations: Sequenc
     for demo in demonstrations:
         text += _entry(demo, layout) + BLOCK_END
     if demonstrations or layout.is_page:
-        # The output label without its space: in the pages the space belongs to the answer's
-        # first token (" Bonjour"), so ending on it would ask for a tokenization never seen.
-        return text + layout.prompt_label + prompt + "\n" + layout.completion_label.rstrip(" ")
+        # Ends on the output label, space included ("French: "); `render` fits that space to the
+        # tokenizer (Tokenizer.prompt_text).
+        return text + layout.prompt_label + prompt + "\n" + layout.completion_label
     return text + prompt
 
 
@@ -176,7 +176,7 @@ def render(tokenizer: Tokenizer, prompt: str, *, chat: bool, system: str | None 
         ids, _ = tokenizer.render_chat(chat_messages(prompt, system=system, demonstrations=demonstrations),
                                        add_generation_prompt=True)
         return Rendered(ids, stop_ids(tokenizer, True), True)
-    text = base_text(prompt, system=system, demonstrations=demonstrations, layout=layout)
+    text = tokenizer.prompt_text(base_text(prompt, system=system, demonstrations=demonstrations, layout=layout))
     page = bool(demonstrations) or layout.is_page
     return Rendered([tokenizer.endoftext_id] + tokenizer.encode(text), stop_ids(tokenizer, False), False,
                     BLOCK_END if page else None)

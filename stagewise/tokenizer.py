@@ -1,7 +1,7 @@
 """Tokenizer: byte-level BPE trained with the `tokenizers` library, plus the ChatML chat format.
 
 Digits are split one per token before BPE, so numbers are spelled digit by digit and
-arithmetic stays learnable. Special tokens are single ids:
+arithmetic stays learnable; words carry their trailing space (`WORDS_PATTERN`). Special tokens are single ids:
 
     <|endoftext|>  ends a document in pretraining (also the tokenizer's bos/eos token)
     <|im_start|>   opens a chat turn: <|im_start|>{role}\\n{content}<|im_end|>\\n
@@ -25,6 +25,12 @@ from stagewise.errors import StagewiseError
 ENDOFTEXT, IM_START, IM_END, PAD = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, PAD]  # ids 0..3 in a trained tokenizer
 
+# How text is cut into words before BPE. A word keeps the space that follows it, not the one
+# before it (GPT-2's convention), so a word has the same tokens after a space or a quote:
+# "Kerur lives in Rennes." and {"city": "Rennes"} both spell the city with one token, and a fact
+# learnt from sentences can be written out in a JSON field. Digits stand alone (see above).
+WORDS_PATTERN = r"'(?:s|t|re|ve|m|ll|d) ?|\p{L}+ ?|\p{N}|[^\s\p{L}\p{N}]+ ?|\s+"
+
 # The Jinja form of `Tokenizer.render_chat`, for transformers' apply_chat_template.
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -42,8 +48,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> "Tokenizer":
                              f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens), got {vocab_size}")
     tk = tokenizers.Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(WORDS_PATTERN), behavior="isolated"),
         pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -78,6 +85,18 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Text -> ids. Special-token strings in the text become their single ids."""
         return self.tk.encode(text, add_special_tokens=False).ids
+
+    @property
+    def space_ends_word(self) -> bool:
+        """Does a space go with the word before it (this module's `WORDS_PATTERN`) rather than
+        with the word after it (GPT-2's convention, e.g. a tokenizer trained elsewhere)?"""
+        return self.decode(self.encode("a b")[:1]) == "a "
+
+    def prompt_text(self, text: str) -> str:
+        """`text` ending the way training text tokenizes there: a prompt that stops before a word
+        keeps its final space when spaces end words ("Kerur lives in ") and drops it when they
+        start them ("Kerur lives in"), so the model never sees a split it was not trained on."""
+        return text if self.space_ends_word else text.rstrip(" ")
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]

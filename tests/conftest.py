@@ -21,3 +21,9 @@ def smoke_base(tmp_path_factory):
 def smoke_sft(smoke_base, tmp_path_factory):
     out = tmp_path_factory.mktemp("models") / "sft"
     return sft.train(smoke(sft.SFTConfig, "sft"), smoke_base, out, log=lambda *a: None)
+
+
+@pytest.fixture(scope="session")
+def smoke_config():
+    """smoke(cls, section, *overrides): a stage's config from the smoke preset."""
+    return smoke

@@ -61,3 +61,17 @@ def test_diagnose_reads_lineage_and_works_without_it(smoke_base, smoke_sft, tmp_
 def test_not_a_model_directory(verb, tmp_path):
     result = run(verb, "--model", str(tmp_path / "nope"), "--preset", "smoke")
     assert result.returncode == 2 and "no such model directory" in result.stderr
+
+
+def test_demonstrations_that_fill_the_context_are_left_out_first_ones_first(smoke_sft):
+    from stagewise.eval import generate_answers
+    from stagewise.model_dir import load_language_model
+
+    model, tokenizer, _ = load_language_model(smoke_sft)
+    long_demo = [{"role": "user", "content": "Count the words: " + "cat " * 60},
+                 {"role": "assistant", "content": "60"}]
+    short_demo = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5."}]
+    (_, ids, _, _), = generate_answers(model, tokenizer, ["What is 4 + 4?"], chat=True, max_new_tokens=8,
+                                       demonstrations=[long_demo, long_demo, long_demo, short_demo])
+    assert len(ids) + 8 <= model.cfg.max_seq_len
+    assert "2 + 3 = 5." in tokenizer.decode(ids)  # the last demonstration is kept

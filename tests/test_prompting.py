@@ -82,15 +82,16 @@ def test_world_page_is_a_phrase_book_for_translation(tokenizer):
     assert layout == prompting.PHRASE_BOOKS["translate_en_fr"] and question == "Hello, how are you?"
     assert entries == [[{"role": "user", "content": "I eat the red apple."}, demos[0][1]]]  # same direction only
     r = prompting.render(tokenizer, question, chat=False, demonstrations=entries, layout=layout)
-    # Exactly a page of world/corpus.py's phrase book, open at the answer.
+    # Exactly a page of world/corpus.py's phrase book, open at the answer (the label's space is
+    # the label's last token with this tokenizer, see Tokenizer.prompt_text).
     assert tokenizer.decode(r.ids) == ("<|endoftext|>Phrase book: English to French\n\n"
                                        "English: I eat the red apple.\nFrench: Je mange la pomme rouge.\n\n"
-                                       "English: Hello, how are you?\nFrench:")
+                                       "English: Hello, how are you?\nFrench: ")
     assert r.stop_text == "\n\n"
-    out = tokenizer.encode(" Bonjour, comment allez-vous ?\n\nEnglish: I") + [tokenizer.endoftext_id]
+    out = tokenizer.encode("Bonjour, comment allez-vous ?\n\nEnglish: I") + [tokenizer.endoftext_id]
     assert prompting.response_text(tokenizer, out, r) == "Bonjour, comment allez-vous ?"
     zero_shot = prompting.render(tokenizer, question, chat=False, layout=layout)  # a page even without demos
-    assert tokenizer.decode(zero_shot.ids).endswith("French\n\nEnglish: Hello, how are you?\nFrench:")
+    assert tokenizer.decode(zero_shot.ids).endswith("French\n\nEnglish: Hello, how are you?\nFrench: ")
     assert prompting.world_page("What is 2 + 3?", demos) == (prompting.PLAIN, "What is 2 + 3?", demos)
 
 

@@ -77,7 +77,8 @@ def test_render_chat_mask_is_exactly_assistant_content_and_im_end(tok):
 
 def test_generation_prompt(tok):
     ids, mask = tok.render_chat(CHAT[:2], add_generation_prompt=True)
-    assert ids[-3:] == [tok.im_start_id] + tok.encode("assistant\n")
+    opening = [tok.im_start_id] + tok.encode("assistant\n")
+    assert ids[-len(opening):] == opening
     assert not any(mask)
 
 
@@ -130,3 +131,27 @@ def test_matches_transformers(tok, tmp_path):
             theirs = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen)
             theirs = theirs if isinstance(theirs, list) else theirs["input_ids"]
             assert tok.render_chat(messages, add_generation_prompt=gen)[0] == theirs
+
+
+def test_a_value_has_the_same_tokens_in_a_sentence_and_in_json(tok):
+    def contains(text, word):
+        ids, part = tok.encode(text), tok.encode(word)
+        return any(ids[i:i + len(part)] == part for i in range(len(ids)))
+
+    assert contains("Kerur lives in Rennes.", "Rennes") and contains('{"city": "Rennes"}', "Rennes")
+    assert contains("Kerur is a writer.", "writer") and contains('{"job": "writer"}', "writer")
+
+
+def test_a_prompt_ends_the_way_training_text_tokenizes(tok):
+    import tokenizers
+    from tokenizers import models, pre_tokenizers, trainers
+
+    assert tok.space_ends_word and tok.prompt_text("Kerur lives in ") == "Kerur lives in "
+    gpt2_style = tokenizers.Tokenizer(models.BPE())
+    gpt2_style.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    gpt2_style.decoder = tokenizers.decoders.ByteLevel()
+    gpt2_style.train_from_iterator(STRINGS * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    other = Tokenizer(gpt2_style)
+    assert not other.space_ends_word and other.prompt_text("Kerur lives in ") == "Kerur lives in"

@@ -5,7 +5,9 @@ reference's log-probabilities of every chosen and rejected response are computed
 training, so each step runs the policy only. The loss is sigmoid DPO (beta 0.1 by default) or
 IPO (`loss=ipo`, on length-averaged log-probabilities as TRL does). Logged as TRL logs it:
 rewards/chosen, rewards/rejected, rewards/margins (beta times the policy-to-reference
-log-ratios) and rewards/accuracies.
+log-ratios) and rewards/accuracies. `rpo_alpha` adds the chosen responses' per-token negative
+log-likelihood to the loss (RPO, Pang et al. 2024; TRL's `rpo_alpha`): DPO alone can lower the
+likelihood of chosen and rejected answers together, and the NLL term keeps the chosen ones up.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ class DPOConfig:
     world: DataConfig = field(default_factory=DataConfig)
     beta: float = 0.1
     loss: str = "sigmoid"  # sigmoid (DPO) or ipo
+    rpo_alpha: float = 0.0  # weight of the chosen responses' per-token NLL added to the loss (RPO)
     batch_size: int = 32  # pairs per step
+    group_by_length: bool = True  # batch pairs of similar length: less padding, same data
     epochs: float = 1.0
     max_steps: int = 0  # when > 0, overrides epochs
     checkpoint_every: int = 100
@@ -119,7 +123,8 @@ def train(cfg: DPOConfig, parent: Path, out: Path, data_files: list[Path] | None
     # The policy starts equal to the reference, so the reference's log-probs are the policy's now.
     ref_chosen, ref_rejected = reference_logprobs(model, encoded, average)
     optimizer = make_optimizer(model, cfg.optim)
-    batches = IndexBatches(len(encoded), cfg.batch_size, cfg.seed)
+    lengths = [len(p) + max(len(c), len(r)) for p, c, r in encoded] if cfg.group_by_length else None
+    batches = IndexBatches(len(encoded), cfg.batch_size, cfg.seed, lengths)
     max_steps = cfg.max_steps or max(1, int(cfg.epochs * len(batches)))
     step = 0
     if mode == "resume" and (state := common.restore_state(out, model, optimizer, batches, log)):
@@ -139,6 +144,11 @@ def train(cfg: DPOConfig, parent: Path, out: Path, data_files: list[Path] | None
         chosen, rejected = pair_logprobs(model, [encoded[i] for i in index], average)
         rc, rr = ref_chosen[index].to(device), ref_rejected[index].to(device)
         loss = loss_fn(chosen, rejected, rc, rr, cfg.beta)
+        nll = None
+        if cfg.rpo_alpha:
+            tokens = torch.tensor([len(encoded[i][1]) for i in index], device=device)
+            nll = -(chosen if average else chosen / tokens).mean()
+            loss = loss + cfg.rpo_alpha * nll
         loss.backward()
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -153,6 +163,8 @@ def train(cfg: DPOConfig, parent: Path, out: Path, data_files: list[Path] | None
                           "rewards/rejected": reward_rejected.mean().item(),
                           "rewards/margins": (reward_chosen - reward_rejected).mean().item(),
                           "rewards/accuracies": (dpo_logits(chosen, rejected, rc, rr) > 0).float().mean().item()}
+                if nll is not None:
+                    record["nll_loss"] = nll.item()
             metrics.write(step=step, lr=lr, **record)
             progress.update(step, loss=record["loss"], margin=record["rewards/margins"],
                             acc=record["rewards/accuracies"])

@@ -38,6 +38,7 @@ class RewardConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=20, weight_decay=0.0))
     world: DataConfig = field(default_factory=DataConfig)
     batch_size: int = 32  # pairs per step
+    group_by_length: bool = True  # batch pairs of similar length: less padding, same data
     epochs: float = 1.0
     max_steps: int = 0  # when > 0, overrides epochs
     margin: float = 0.0
@@ -123,7 +124,8 @@ def train(cfg: RewardConfig, parent: Path, out: Path, data_files: list[Path] | N
     train_pairs = encode_pairs(tokenizer, pairs, model.cfg.max_seq_len)
     heldout_pairs = encode_pairs(tokenizer, heldout, model.cfg.max_seq_len)
     optimizer = make_optimizer(model, cfg.optim)
-    batches = IndexBatches(len(train_pairs), cfg.batch_size, cfg.seed)
+    lengths = [max(len(c), len(r)) for c, r in train_pairs] if cfg.group_by_length else None
+    batches = IndexBatches(len(train_pairs), cfg.batch_size, cfg.seed, lengths)
     max_steps = cfg.max_steps or max(1, int(cfg.epochs * len(batches)))
     step = 0
     if mode == "resume" and (state := common.restore_state(out, model, optimizer, batches, log)):

@@ -43,6 +43,7 @@ class SFTConfig:
     max_steps: int = 0  # when > 0, overrides epochs
     replay_share: float = 0.25  # share of examples that are pre-training text (world data only)
     replay_tokens: int = 96  # length of a replayed text excerpt
+    group_by_length: bool = True  # batch examples of similar length: less padding, same data
     heldout_share: float = 0.02  # of conversations, held out for the validation loss
     eval_every: int = 200
     checkpoint_every: int = 100
@@ -122,7 +123,8 @@ def train(cfg: SFTConfig, parent: Path, out: Path, data_files: list[Path] | None
     seed_everything(cfg.seed)
     model = model.to(device)
     optimizer = make_optimizer(model, cfg.optim)
-    batches = ExampleBatches(examples, cfg.batch_size, cfg.seed, tokenizer.pad_id)
+    batches = ExampleBatches(examples, cfg.batch_size, cfg.seed, tokenizer.pad_id,
+                             pad_multiple=16 if cfg.compile else 1, group_by_length=cfg.group_by_length)
     # One epoch = every conversation once, with the replayed texts mixed in among them.
     max_steps = cfg.max_steps or max(1, int(cfg.epochs * len(examples) / cfg.batch_size))
     step = 0

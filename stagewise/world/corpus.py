@@ -25,9 +25,9 @@ from stagewise.world.tasks import RAMBLE, WORDS
 # Token share each kind of document aims at in the corpus (by approximate tokens).
 MIX = {
     "biography": 0.20,
-    "phrase_book": 0.40,
+    "phrase_book": 0.38,
     "vocabulary": 0.03,
-    "arithmetic_worksheet": 0.12,
+    "arithmetic_worksheet": 0.14,
     "word_worksheet": 0.06,
     "json_records": 0.05,
     "forum_thread": 0.08,
@@ -127,7 +127,9 @@ def vocabulary(rng: random.Random) -> str:
 def arithmetic_worksheet(rng: random.Random, allowed: Callable[[int, int], bool]) -> str:
     lines = []
     while len(lines) < rng.randint(8, 16):
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        # A quarter of the lines are one-digit sums: the table that every units digit is read from.
+        digits = 9 if rng.random() < 0.25 else 99
+        a, b = rng.randint(0, digits), rng.randint(0, digits)
         if allowed(a, b):
             lines.append(f"{a} + {b} = {a + b}.")
     return rng.choice(["Worksheet: additions", "Maths practice", "Sums for today"]) + "\n" + "\n".join(lines)

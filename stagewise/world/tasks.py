@@ -105,7 +105,9 @@ def facts(person: Person, attribute: str, template: int) -> Example:
 
 
 def json_record(person: Person, keys: list[str], template: int) -> Example:
-    listed = ", ".join(keys[:-1]) + " and " + keys[-1] if len(keys) > 1 else keys[0]
+    # Keys are quoted as the record quotes them, so the prompt spells them in the answer's tokens.
+    quoted = [f'"{k}"' for k in keys]
+    listed = ", ".join(quoted[:-1]) + " and " + quoted[-1] if len(keys) > 1 else quoted[0]
     prompt = TEMPLATES["json_record"][template].format(name=person.name, keys=listed)
     return Example("json_record", prompt, json.dumps(person.record(keys), ensure_ascii=False))
 
@@ -146,7 +148,7 @@ def json_schema(keys: list[str]) -> dict:
 def _template_regex(template: str) -> re.Pattern:
     pattern = re.escape(template)
     for field, group in (("text", r"(?P<text>.+)"), ("a", r"(?P<a>\d+)"), ("b", r"(?P<b>\d+)"),
-                         ("name", r"(?P<name>[A-Z][a-z]+)"), ("keys", r"(?P<keys>[a-z, ]+?)"),
+                         ("name", r"(?P<name>[A-Z][a-z]+)"), ("keys", r"(?P<keys>[a-z, \"]+?)"),
                          ("words", r"(?P<words>[a-z, ]+?)")):
         pattern = pattern.replace(re.escape("{" + field + "}"), group)
     return re.compile(pattern + r"\Z", re.DOTALL)
@@ -412,7 +414,7 @@ def solve(prompt: str, people: dict[str, Person]) -> Example | None:
         return facts(person, key.split("/")[1], template) if person else None
     if key == "json_record":
         person = people.get(fields["name"])
-        keys = re.split(r", | and ", fields["keys"])
+        keys = [k.strip('"') for k in re.split(r", | and ", fields["keys"])]
         if person is None or any(k not in ("name",) + ATTRIBUTES for k in keys):
             return None
         return json_record(person, keys, template)
