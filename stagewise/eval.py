@@ -186,7 +186,9 @@ def evaluate_model(model: Transformer, tokenizer, lineage: list[dict] | None, *,
     chat = prompting.is_chat(lineage) if chat is None else chat
     world_data = common.world_data(world)
     records = eval_records if eval_records is not None else world_data["eval"]
-    people = make_world(world).people_by_name if eval_records is None else None
+    # The annotator judges the world's own prompts (all of them or a subset), not a user's.
+    from_world = eval_records is None or all(r in world_data["eval"] for r in eval_records)
+    people = make_world(world).people_by_name if from_world else None
     prompts = [r["prompt"] for r in records]
     task_of = [r["task"] for r in records]
     constraints = None

@@ -75,3 +75,16 @@ def test_demonstrations_that_fill_the_context_are_left_out_first_ones_first(smok
                                        demonstrations=[long_demo, long_demo, long_demo, short_demo])
     assert len(ids) + 8 <= model.cfg.max_seq_len
     assert "2 + 3 = 5." in tokenizer.decode(ids)  # the last demonstration is kept
+
+
+def test_the_annotator_judges_a_subset_of_the_world_prompts_but_not_user_prompts(smoke_sft, smoke_config):
+    from stagewise.eval import evaluate_model
+    from stagewise.model_dir import load_language_model
+    from stagewise.stages import common, sft
+
+    model, tokenizer, lineage = load_language_model(smoke_sft)
+    world = smoke_config(sft.SFTConfig, "sft").world
+    subset = common.world_data(world)["eval"][::10]
+    assert evaluate_model(model, tokenizer, lineage, world=world, eval_records=subset)["gold_reward"] is not None
+    user = [dict(r, prompt=r["prompt"] + " Please.") for r in subset]
+    assert evaluate_model(model, tokenizer, lineage, world=world, eval_records=user)["gold_reward"] is None
