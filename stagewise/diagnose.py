@@ -28,6 +28,9 @@ from stagewise.world import tasks
 from stagewise.world.build import SEED_PROMPT, DataConfig, make_world
 
 LABELS = ("not pre-trained", "pre-trained only", "instruction-aligned", "preference-aligned")
+# Sampled answers in the ideal form at which behaviour counts as preference-aligned. In the
+# default run the SFT model's samples were 0.86 ideal, its PPO and DPO models' 0.93 each.
+PREFERENCE_IDEAL_FORM = 0.90
 STAGES_SHOWN = {
     "not pre-trained": [],
     "pre-trained only": ["pre-training"],
@@ -106,7 +109,7 @@ def diagnose(path: Path, world: DataConfig) -> dict:
         label = "not pre-trained"
     elif not follows:
         label = "pre-trained only"
-    elif evidence["sampled_ideal_form"] >= 0.85:
+    elif evidence["sampled_ideal_form"] >= PREFERENCE_IDEAL_FORM:
         label = "preference-aligned"
     else:
         label = "instruction-aligned"
