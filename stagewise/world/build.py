@@ -37,7 +37,7 @@ class DataConfig:
     pretrain_tokens: int = 5_000_000  # approximate, see corpus.approx_tokens
     heldout_text_tokens: int = 50_000
     n_sft: int = 40_000
-    n_preferences: int = 12_000
+    n_preferences: int = 24_000
     n_heldout_preferences: int = 600
     n_ppo_prompts: int = 4_000
     n_eval_per_task: int = 200
