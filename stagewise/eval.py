@@ -187,7 +187,8 @@ def evaluate_model(model: Transformer, tokenizer, lineage: list[dict] | None, *,
     world_data = common.world_data(world)
     records = eval_records if eval_records is not None else world_data["eval"]
     # The annotator judges the world's own prompts (all of them or a subset), not a user's.
-    from_world = eval_records is None or all(r in world_data["eval"] for r in eval_records)
+    world_keys = {(r["task"], r["prompt"], r["reference"]) for r in world_data["eval"]}
+    from_world = all((r["task"], r["prompt"], r["reference"]) in world_keys for r in records)
     people = make_world(world).people_by_name if from_world else None
     prompts = [r["prompt"] for r in records]
     task_of = [r["task"] for r in records]

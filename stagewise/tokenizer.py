@@ -76,6 +76,9 @@ class Tokenizer:
         self.im_end_id = ids[IM_END]
         self.pad_id = ids[PAD]
         self.special_ids = set(ids.values())
+        # Does a space go with the word before it (this module's `WORDS_PATTERN`) rather than
+        # with the word after it (GPT-2's convention, e.g. a tokenizer trained elsewhere)?
+        self.space_ends_word = self.decode(self.encode("a b")[:1]) == "a "
 
     @property
     def vocab_size(self) -> int:
@@ -85,12 +88,6 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Text -> ids. Special-token strings in the text become their single ids."""
         return self.tk.encode(text, add_special_tokens=False).ids
-
-    @property
-    def space_ends_word(self) -> bool:
-        """Does a space go with the word before it (this module's `WORDS_PATTERN`) rather than
-        with the word after it (GPT-2's convention, e.g. a tokenizer trained elsewhere)?"""
-        return self.decode(self.encode("a b")[:1]) == "a "
 
     def prompt_text(self, text: str) -> str:
         """`text` ending the way training text tokenizes there: a prompt that stops before a word

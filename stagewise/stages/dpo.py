@@ -100,7 +100,7 @@ def reference_logprobs(model, encoded, average: bool, batch_size: int = 64) -> t
         c, r = pair_logprobs(model, encoded[i:i + batch_size], average)
         chosen.append(c)
         rejected.append(r)
-    return torch.cat(chosen), torch.cat(rejected)
+    return torch.cat(chosen).float().cpu(), torch.cat(rejected).float().cpu()
 
 
 def train(cfg: DPOConfig, parent: Path, out: Path, data_files: list[Path] | None = None, resume: bool = False,
@@ -120,12 +120,16 @@ def train(cfg: DPOConfig, parent: Path, out: Path, data_files: list[Path] | None
     model = model.to(device)
     encoded = encode(tokenizer, pairs, model.cfg.max_seq_len)
     average = cfg.loss == "ipo"
-    # The policy starts equal to the reference, so the reference's log-probs are the policy's now.
-    ref_chosen, ref_rejected = reference_logprobs(model, encoded, average)
     optimizer = make_optimizer(model, cfg.optim)
     lengths = [len(p) + max(len(c), len(r)) for p, c, r in encoded] if cfg.group_by_length else None
     batches = IndexBatches(len(encoded), cfg.batch_size, cfg.seed, lengths)
     max_steps = cfg.max_steps or max(1, int(cfg.epochs * len(batches)))
+    # The policy starts equal to the reference, so the reference's log-probs are the policy's now;
+    # only the pairs that the run's steps will draw are scored (a fresh copy of the batch order).
+    plan = IndexBatches(len(encoded), cfg.batch_size, cfg.seed, lengths)
+    used = sorted({i for _ in range(max_steps) for i in plan.next()})
+    ref_chosen, ref_rejected = torch.zeros(len(encoded)), torch.zeros(len(encoded))
+    ref_chosen[used], ref_rejected[used] = reference_logprobs(model, [encoded[i] for i in used], average)
     step = 0
     if mode == "resume" and (state := common.restore_state(out, model, optimizer, batches, log)):
         step = state["step"]
