@@ -239,7 +239,11 @@ class Decoder(nn.Module):
                 positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T = idx.shape
         start = 0 if kv_cache is None else kv_cache.pos
-        if start + T > self.cfg.max_seq_len:
+        if positions is not None:
+            # Rows that pack several sequences (shared_prompt) may be longer than any position.
+            if int(positions.max()) >= self.cfg.max_seq_len:
+                raise StagewiseError(f"model: position {int(positions.max())} exceeds max_seq_len {self.cfg.max_seq_len}")
+        elif start + T > self.cfg.max_seq_len:
             raise StagewiseError(f"model: sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
         if kv_cache is not None and start + T > kv_cache.max_len:
             raise StagewiseError(f"model: {start + T} tokens do not fit a KV cache of {kv_cache.max_len}")

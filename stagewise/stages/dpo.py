@@ -5,7 +5,8 @@ reference's log-probabilities of every chosen and rejected response are computed
 training, so each step runs the policy only. The loss is sigmoid DPO (beta 0.1 by default) or
 IPO (`loss=ipo`, on length-averaged log-probabilities as TRL does). Logged as TRL logs it:
 rewards/chosen, rewards/rejected, rewards/margins (beta times the policy-to-reference
-log-ratios) and rewards/accuracies. `rpo_alpha` adds the chosen responses' per-token negative
+log-ratios) and rewards/accuracies. Both responses of a pair run in one row behind a single copy
+of their prompt (`shared_prompt`). `rpo_alpha` adds the chosen responses' per-token negative
 log-likelihood to the loss (RPO, Pang et al. 2024; TRL's `rpo_alpha`): DPO alone can lower the
 likelihood of chosen and rejected answers together, and the NLL term keeps the chosen ones up.
 """
@@ -20,9 +21,8 @@ from pathlib import Path
 
 import torch
 
-from stagewise import data, methods
+from stagewise import data, methods, shared_prompt
 from stagewise.batching import IndexBatches
-from stagewise.engine import sequence_logprobs
 from stagewise.errors import StagewiseError
 from stagewise.losses import dpo_logits, dpo_loss, ipo_loss
 from stagewise.model import weights_sha256
@@ -82,14 +82,15 @@ def encode(tokenizer, pairs: list[dict], max_len: int) -> list[tuple[list[int], 
 
 
 def pair_logprobs(model, batch: list[tuple[list[int], list[int], list[int]]], average: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) sequence log-probs (B,), summed or averaged over response tokens."""
-    prompts = [p for p, _, _ in batch] * 2
-    responses = [c for _, c, _ in batch] + [r for _, _, r in batch]
-    logprobs, mask = sequence_logprobs(model, prompts, responses)
-    total = logprobs.sum(-1)
+    """(chosen, rejected) sequence log-probs (B,), summed or averaged over response tokens; each
+    pair's prompt runs once (`shared_prompt`)."""
+    device = getattr(model, "_orig_mod", model).lm_head.weight.device
+    packed = shared_prompt.pack(batch, model.cfg.max_seq_len, device)
+    chosen, rejected = shared_prompt.response_logprobs(model, packed)
+    total = torch.stack([chosen.sum(-1), rejected.sum(-1)])  # (2, B)
     if average:
-        total = total / mask.sum(-1).clamp(min=1)
-    return total[:len(batch)], total[len(batch):]
+        total = total / packed.mask.sum(-1).clamp(min=1)
+    return total[0], total[1]
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@
 The SFT model's decoder gets a scalar head read at the last token of a rendered exchange (the
 assistant's `<|im_end|>`); the Bradley-Terry loss pushes the chosen response's reward above
 the rejected one's, with an optional margin and a reward-centring term that keeps rewards near
-zero. `pairwise_accuracy` is measured on held-out pairs: with the embedded world, pairs ordered
+zero. Both sides of a pair run in one row behind a single copy of their prompt (`shared_prompt`). `pairwise_accuracy` is measured on held-out pairs: with the embedded world, pairs ordered
 by the annotator's noiseless score, so the figure says how well the learnt proxy reproduces the
 annotator itself rather than its noisy labels.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from stagewise import data, methods
-from stagewise.batching import IndexBatches, pad_right
+from stagewise import data, methods, shared_prompt
+from stagewise.batching import IndexBatches
 from stagewise.errors import StagewiseError
 from stagewise.losses import bradley_terry_loss
 from stagewise.model import weights_sha256
@@ -75,34 +75,34 @@ def load_pairs(cfg: RewardConfig, data_files: list[Path] | None) -> tuple[list[d
     return world["preferences"], world["heldout_preferences"]
 
 
-def encode_pairs(tokenizer, pairs: list[dict], max_len: int) -> list[tuple[list[int], list[int]]]:
-    """(chosen ids, rejected ids) per pair: the whole rendered exchange, cut to max_len."""
+def encode_pairs(tokenizer, pairs: list[dict], max_len: int) -> list[shared_prompt.Triple]:
+    """(prompt ids, chosen response ids, rejected response ids) per pair, the responses cut so
+    that each side fits max_len with its prompt."""
     out = []
     for pair in pairs:
-        sides = []
-        for key in ("chosen", "rejected"):
-            prompt, response = common.chat_pair(tokenizer, pair["prompt"], pair[key])
-            sides.append((prompt + response)[:max_len])
-        out.append(tuple(sides))
+        prompt, chosen = common.chat_pair(tokenizer, pair["prompt"], pair["chosen"])
+        _, rejected = common.chat_pair(tokenizer, pair["prompt"], pair["rejected"])
+        room = max_len - len(prompt)
+        if room < 1:
+            raise StagewiseError(f"a prompt of {len(prompt)} tokens leaves no room for a response in {max_len}")
+        out.append((prompt, chosen[:room], rejected[:room]))
     return out
 
 
-def score(model: RewardModel, sequences: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
-    """(N,) rewards of full sequences."""
-    idx = pad_right(sequences, pad_id).to(device)
-    lengths = torch.tensor([len(s) for s in sequences], device=device)
-    return model(idx, lengths)
+def score_pairs(model: RewardModel, triples: list[shared_prompt.Triple], device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) rewards (B,), each pair's prompt run once (`shared_prompt`)."""
+    return shared_prompt.rewards(model, shared_prompt.pack(triples, model.cfg.max_seq_len, device))
 
 
 @torch.no_grad()
-def pairwise_accuracy(model: RewardModel, pairs: list[tuple[list[int], list[int]]], pad_id: int,
-                      device: torch.device, batch_size: int = 64) -> float:
+def pairwise_accuracy(model: RewardModel, pairs: list[shared_prompt.Triple], device: torch.device,
+                      batch_size: int = 64) -> float:
     model.eval()
     right = 0
     for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
-        rewards = score(model, [c for c, _ in chunk] + [r for _, r in chunk], pad_id, device)
-        right += int((rewards[:len(chunk)] > rewards[len(chunk):]).sum())
+        chosen, rejected = score_pairs(model, pairs[i:i + batch_size], device)
+        right += int((chosen > rejected).sum())
     model.train()
     return right / len(pairs)
 
@@ -124,7 +124,7 @@ def train(cfg: RewardConfig, parent: Path, out: Path, data_files: list[Path] | N
     train_pairs = encode_pairs(tokenizer, pairs, model.cfg.max_seq_len)
     heldout_pairs = encode_pairs(tokenizer, heldout, model.cfg.max_seq_len)
     optimizer = make_optimizer(model, cfg.optim)
-    lengths = [max(len(c), len(r)) for c, r in train_pairs] if cfg.group_by_length else None
+    lengths = [len(p) + len(c) + len(r) for p, c, r in train_pairs] if cfg.group_by_length else None
     batches = IndexBatches(len(train_pairs), cfg.batch_size, cfg.seed, lengths)
     max_steps = cfg.max_steps or max(1, int(cfg.epochs * len(batches)))
     step = 0
@@ -141,8 +141,7 @@ def train(cfg: RewardConfig, parent: Path, out: Path, data_files: list[Path] | N
         lr = lr_at(step, max_steps, cfg.optim)
         set_lr(optimizer, lr)
         chunk = [train_pairs[i] for i in batches.next()]
-        rewards = score(model, [c for c, _ in chunk] + [r for _, r in chunk], tokenizer.pad_id, device)
-        chosen, rejected = rewards[:len(chunk)], rewards[len(chunk):]
+        chosen, rejected = score_pairs(model, chunk, device)
         loss = bradley_terry_loss(chosen, rejected, cfg.margin, cfg.center_coef)
         loss.backward()
         if cfg.optim.grad_clip > 0:
@@ -156,12 +155,12 @@ def train(cfg: RewardConfig, parent: Path, out: Path, data_files: list[Path] | N
             metrics.write(step=step, loss=loss.item(), lr=lr, accuracy=accuracy, margin=margin)
             progress.update(step, loss=loss.item(), acc=accuracy, margin=margin)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < max_steps:
-            metrics.write(step=step, pairwise_accuracy=pairwise_accuracy(model, heldout_pairs, tokenizer.pad_id, device))
+            metrics.write(step=step, pairwise_accuracy=pairwise_accuracy(model, heldout_pairs, device))
         if step % cfg.checkpoint_every == 0 and step < max_steps:
             common.save_state(out, step, model, optimizer, batches)
     progress.close()
 
-    final = {"pairwise_accuracy": pairwise_accuracy(model, heldout_pairs, tokenizer.pad_id, device),
+    final = {"pairwise_accuracy": pairwise_accuracy(model, heldout_pairs, device),
              "heldout_pairs": len(heldout_pairs), "steps": step, "seconds": round(time.time() - t0, 1)}
     metrics.write(step=step, **final)
     log("reward: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items()))
