@@ -12,9 +12,10 @@ Inference-time methods apply on top, and the weights are hashed before and after
 they did not change (`weights_unchanged`): few-shot demonstrations and a system prompt
 (prompting), constrained decoding of json_record answers to their schema, and best-of-n
 sampling with a reward model. For a model with an SFT model in its lineage (or `--sft`),
-`win_rate_vs_sft` compares the annotator's scores of both models' greedy answers prompt by
-prompt (ties count half), and `kl_to_sft` estimates KL(model || SFT) per response on the
-model's own samples.
+`win_rate_vs_sft` compares the annotator's scores of both models' answers sampled at
+temperature 1 (each policy's own distribution, as PPO samples it; fixed seed), prompt by prompt
+with ties counting half, and `kl_to_sft` estimates KL(model || SFT) per response on those
+samples.
 """
 
 from __future__ import annotations

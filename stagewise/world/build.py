@@ -37,8 +37,8 @@ class DataConfig:
     pretrain_tokens: int = 5_000_000  # approximate, see corpus.approx_tokens
     heldout_text_tokens: int = 50_000
     n_sft: int = 40_000
-    n_preferences: int = 24_000
-    n_heldout_preferences: int = 600
+    n_preferences: int = 48_000
+    n_heldout_preferences: int = 1_000
     n_ppo_prompts: int = 4_000
     n_eval_per_task: int = 200
     seed_probe_copies: int = 8  # the seed prompt is a named probe that SFT data may contain
