@@ -28,8 +28,12 @@ SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, PAD]  # ids 0..3 in a trained tok
 # How text is cut into words before BPE. A word keeps the space that follows it, not the one
 # before it (GPT-2's convention), so a word has the same tokens after a space or a quote:
 # "Kerur lives in Rennes." and {"city": "Rennes"} both spell the city with one token, and a fact
-# learnt from sentences can be written out in a JSON field. Digits stand alone (see above).
-WORDS_PATTERN = r"'(?:s|t|re|ve|m|ll|d) ?|\p{L}+ ?|\p{N}|[^\s\p{L}\p{N}]+ ?|\s+"
+# learnt from sentences can be written out in a JSON field. A capitalised word (a name, a
+# city) keeps no space at all, so it also has the same tokens before a space or a quote: the
+# name that facts are learnt on in "Kerur lives in" is the name in {"name": "Kerur", "city":
+# (spelt with other tokens there, a base model filled in a record's city one time in eight).
+# Words in capitals ("I", "BOX") keep their space like lower-case ones. Digits stand alone.
+WORDS_PATTERN = r"'(?:s|t|re|ve|m|ll|d) ?|\p{Lu}\p{Ll}+|\p{L}+ ?|\p{N}|[^\s\p{L}\p{N}]+ ?|\s+"
 
 # The Jinja form of `Tokenizer.render_chat`, for transformers' apply_chat_template.
 CHAT_TEMPLATE = (

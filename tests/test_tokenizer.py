@@ -133,13 +133,15 @@ def test_matches_transformers(tok, tmp_path):
             assert tok.render_chat(messages, add_generation_prompt=gen)[0] == theirs
 
 
-def test_a_value_has_the_same_tokens_in_a_sentence_and_in_json(tok):
+def test_names_and_values_have_the_same_tokens_in_a_sentence_and_in_json(tok):
     def contains(text, word):
         ids, part = tok.encode(text), tok.encode(word)
         return any(ids[i:i + len(part)] == part for i in range(len(ids)))
 
     assert contains("Kerur lives in Rennes.", "Rennes") and contains('{"city": "Rennes"}', "Rennes")
     assert contains("Kerur is a writer.", "writer") and contains('{"job": "writer"}', "writer")
+    # A name, too: the fact is learnt on the same tokens that a JSON record spells it with.
+    assert contains("Kerur lives in Rennes.", "Kerur") and contains('{"name": "Kerur"}', "Kerur")
 
 
 def test_a_prompt_ends_the_way_training_text_tokenizes(tok):
