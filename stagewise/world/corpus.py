@@ -24,8 +24,8 @@ from stagewise.world.tasks import RAMBLE, WORDS
 
 # Token share each kind of document aims at in the corpus (by approximate tokens).
 MIX = {
-    "biography": 0.20,
-    "phrase_book": 0.38,
+    "biography": 0.28,
+    "phrase_book": 0.30,
     "vocabulary": 0.03,
     "arithmetic_worksheet": 0.14,
     "word_worksheet": 0.06,
@@ -156,14 +156,17 @@ def word_worksheet(rng: random.Random, allowed: Callable[[tuple[str, ...]], bool
 
 
 def json_records(rng: random.Random, people: Cycle) -> str:
+    """Records introduced by the name they hold, as a register lists them: the text teaches
+    that a record's name is the one asked about, not any name of the world, and that its other
+    values are that person's facts."""
     lines = []
     for _ in range(rng.randint(2, 6)):
         person = people.next()
         keys = list(ATTRIBUTES)
         rng.shuffle(keys)
         keys = ["name"] + keys[: rng.randint(1, 3)]
-        lines.append(json.dumps(person.record(keys), ensure_ascii=False))
-    return rng.choice(["records.jsonl", "Export of the register", "Data dump"]) + "\n" + "\n".join(lines)
+        lines.append(f"Record of {person.name}: " + json.dumps(person.record(keys), ensure_ascii=False))
+    return rng.choice(["Export of the register", "Data dump", "Records"]) + "\n" + "\n".join(lines)
 
 
 def forum_thread(rng: random.Random, instruction: Callable[[], str]) -> str:
