@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from stagewise.model_dir import load_language_model
-from stagewise.stages import dpo
+from stagewise.stages import common, dpo
 from stagewise.training import OptimConfig, make_optimizer
 from stagewise.world.build import DataConfig, build
 
@@ -43,7 +43,7 @@ def pairs_from_world(n: int) -> list[dict]:
 
 def ours(model_dir: Path, pairs: list[dict], batch: int, steps: int) -> float:
     model, tokenizer, _ = load_language_model(model_dir)
-    encoded = dpo.encode(tokenizer, pairs, model.cfg.max_seq_len)
+    encoded = common.preference_triples(tokenizer, pairs, model.cfg.max_seq_len)
     ref_chosen, ref_rejected = dpo.reference_logprobs(model, encoded, average=False)
     optimizer = make_optimizer(model, OptimConfig(lr=LR, weight_decay=0.0, beta2=0.95))
     model.train()

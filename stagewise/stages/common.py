@@ -117,3 +117,18 @@ def chat_pair(tokenizer, prompt: str, response: str) -> tuple[list[int], list[in
     start = mask.index(True)
     end = len(mask) - mask[::-1].index(True)
     return ids[:start], ids[start:end]
+
+
+def preference_triples(tokenizer, pairs: list[dict], max_len: int) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt ids, chosen response ids, rejected response ids) per preference pair, as the
+    reward model and DPO read them: responses end with <|im_end|> and are cut so that each
+    side fits max_len with its prompt."""
+    out = []
+    for pair in pairs:
+        prompt, chosen = chat_pair(tokenizer, pair["prompt"], pair["chosen"])
+        _, rejected = chat_pair(tokenizer, pair["prompt"], pair["rejected"])
+        room = max_len - len(prompt)
+        if room < 1:
+            raise StagewiseError(f"a prompt of {len(prompt)} tokens leaves no room for a response in {max_len}")
+        out.append((prompt, chosen[:room], rejected[:room]))
+    return out

@@ -67,20 +67,6 @@ def load_pairs(cfg: DPOConfig, data_files: list[Path] | None) -> list[dict]:
     return common.world_data(cfg.world)["preferences"]
 
 
-def encode(tokenizer, pairs: list[dict], max_len: int) -> list[tuple[list[int], list[int], list[int]]]:
-    """(prompt ids, chosen response ids, rejected response ids) per pair; responses end with
-    <|im_end|>, so the policy also learns where to stop. Cut to fit max_len."""
-    out = []
-    for pair in pairs:
-        prompt, chosen = common.chat_pair(tokenizer, pair["prompt"], pair["chosen"])
-        _, rejected = common.chat_pair(tokenizer, pair["prompt"], pair["rejected"])
-        room = max_len - len(prompt)
-        if room < 1:
-            raise StagewiseError(f"a prompt of {len(prompt)} tokens leaves no room for a response in {max_len}")
-        out.append((prompt, chosen[:room], rejected[:room]))
-    return out
-
-
 def pair_logprobs(model, batch: list[tuple[list[int], list[int], list[int]]], average: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) sequence log-probs (B,), summed or averaged over response tokens; each
     pair's prompt runs once (`shared_prompt`)."""
@@ -119,7 +105,7 @@ def train(cfg: DPOConfig, parent: Path, out: Path, data_files: list[Path] | None
 
     seed_everything(cfg.seed)
     model = model.to(device)
-    encoded = encode(tokenizer, pairs, model.cfg.max_seq_len)
+    encoded = common.preference_triples(tokenizer, pairs, model.cfg.max_seq_len)
     average = cfg.loss == "ipo"
     optimizer = make_optimizer(model, cfg.optim)
     lengths = [len(p) + max(len(c), len(r)) for p, c, r in encoded] if cfg.group_by_length else None

@@ -75,20 +75,6 @@ def load_pairs(cfg: RewardConfig, data_files: list[Path] | None) -> tuple[list[d
     return world["preferences"], world["heldout_preferences"]
 
 
-def encode_pairs(tokenizer, pairs: list[dict], max_len: int) -> list[shared_prompt.Triple]:
-    """(prompt ids, chosen response ids, rejected response ids) per pair, the responses cut so
-    that each side fits max_len with its prompt."""
-    out = []
-    for pair in pairs:
-        prompt, chosen = common.chat_pair(tokenizer, pair["prompt"], pair["chosen"])
-        _, rejected = common.chat_pair(tokenizer, pair["prompt"], pair["rejected"])
-        room = max_len - len(prompt)
-        if room < 1:
-            raise StagewiseError(f"a prompt of {len(prompt)} tokens leaves no room for a response in {max_len}")
-        out.append((prompt, chosen[:room], rejected[:room]))
-    return out
-
-
 def score_pairs(model: RewardModel, triples: list[shared_prompt.Triple], device: torch.device
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) rewards (B,), each pair's prompt run once (`shared_prompt`)."""
@@ -121,8 +107,8 @@ def train(cfg: RewardConfig, parent: Path, out: Path, data_files: list[Path] | N
     seed_everything(cfg.seed)
     model = RewardModel.from_language_model(lm).to(device)
     del lm
-    train_pairs = encode_pairs(tokenizer, pairs, model.cfg.max_seq_len)
-    heldout_pairs = encode_pairs(tokenizer, heldout, model.cfg.max_seq_len)
+    train_pairs = common.preference_triples(tokenizer, pairs, model.cfg.max_seq_len)
+    heldout_pairs = common.preference_triples(tokenizer, heldout, model.cfg.max_seq_len)
     optimizer = make_optimizer(model, cfg.optim)
     lengths = [len(p) + len(c) + len(r) for p, c, r in train_pairs] if cfg.group_by_length else None
     batches = IndexBatches(len(train_pairs), cfg.batch_size, cfg.seed, lengths)
