@@ -239,11 +239,10 @@ class Decoder(nn.Module):
                 positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T = idx.shape
         start = 0 if kv_cache is None else kv_cache.pos
-        if positions is not None:
-            # Rows that pack several sequences (shared_prompt) may be longer than any position.
-            if int(positions.max()) >= self.cfg.max_seq_len:
-                raise StagewiseError(f"model: position {int(positions.max())} exceeds max_seq_len {self.cfg.max_seq_len}")
-        elif start + T > self.cfg.max_seq_len:
+        # A row that packs several sequences behind one prompt (shared_prompt, which checks each
+        # sequence's length) may be longer than max_seq_len; its positions are not.
+        packed = positions is not None and kv_cache is None
+        if not packed and start + T > self.cfg.max_seq_len:
             raise StagewiseError(f"model: sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
         if kv_cache is not None and start + T > kv_cache.max_len:
             raise StagewiseError(f"model: {start + T} tokens do not fit a KV cache of {kv_cache.max_len}")

@@ -65,6 +65,8 @@ def test_rows_may_be_longer_than_the_context_but_sides_may_not():
     p, c, r = [1] * 20, [2] * 10, [3] * 10  # a row of 40 tokens, each side 30 of 32
     packed = shared_prompt.pack([(p, c, r)], CFG.max_seq_len)
     assert packed.idx.shape == (1, 40) and int(packed.positions.max()) == 29
+    chosen, rejected = shared_prompt.response_logprobs(Transformer(CFG), packed)  # the model runs the long row
+    assert chosen.shape == rejected.shape == (1, 10)
     with pytest.raises(StagewiseError, match="pair 0.*exceeds max_seq_len 32"):
         shared_prompt.pack([(p, c + [2] * 3, r)], CFG.max_seq_len)
     with pytest.raises(StagewiseError, match="pair 0"):

@@ -3,9 +3,10 @@
 The SFT model's decoder gets a scalar head read at the last token of a rendered exchange (the
 assistant's `<|im_end|>`); the Bradley-Terry loss pushes the chosen response's reward above
 the rejected one's, with an optional margin and a reward-centring term that keeps rewards near
-zero. Both sides of a pair run in one row behind a single copy of their prompt (`shared_prompt`). `pairwise_accuracy` is measured on held-out pairs: with the embedded world, pairs ordered
-by the annotator's noiseless score, so the figure says how well the learnt proxy reproduces the
-annotator itself rather than its noisy labels.
+zero. Both sides of a pair run in one row behind a single copy of their prompt
+(`shared_prompt`). `pairwise_accuracy` is measured on held-out pairs: with the embedded world,
+pairs ordered by the annotator's noiseless score, so the figure says how well the learnt proxy
+reproduces the annotator itself rather than its noisy labels.
 """
 
 from __future__ import annotations
