@@ -238,11 +238,15 @@ def evaluate_model(model: Transformer, tokenizer, lineage: list[dict] | None, *,
 
 
 def sft_parent(lineage: list[dict] | None) -> Path | None:
-    """The directory of the SFT model this model was trained from, when the lineage names one."""
+    """The directory of the SFT model this model was trained from, when the lineage names one:
+    the parent of the first of the preference stages that end the lineage (DPO on a PPO model
+    still compares with the SFT model both came from)."""
+    parent = None
     for entry in reversed(lineage or []):
-        if entry.get("method") in ("ppo", "dpo") and entry.get("parent"):
-            return Path(entry["parent"])
-    return None
+        if entry.get("method") not in ("ppo", "dpo"):
+            break
+        parent = Path(entry["parent"]) if entry.get("parent") else parent
+    return parent
 
 
 def demonstrations_by_task(world: DataConfig, per_task: int = 3) -> dict[str, list]:

@@ -88,3 +88,14 @@ def test_the_annotator_judges_a_subset_of_the_world_prompts_but_not_user_prompts
     assert evaluate_model(model, tokenizer, lineage, world=world, eval_records=subset)["gold_reward"] is not None
     user = [dict(r, prompt=r["prompt"] + " Please.") for r in subset]
     assert evaluate_model(model, tokenizer, lineage, world=world, eval_records=user)["gold_reward"] is None
+
+
+def test_the_sft_model_of_a_lineage_is_the_parent_of_its_first_preference_stage():
+    from pathlib import Path
+
+    from stagewise.eval import sft_parent
+    entries = [{"method": "pretrain", "parent": None}, {"method": "sft", "parent": "base"},
+               {"method": "ppo", "parent": "sft"}, {"method": "dpo", "parent": "ppo"}]
+    assert sft_parent(entries) == Path("sft")
+    assert sft_parent(entries[:3]) == Path("sft")
+    assert sft_parent(entries[:2]) is None and sft_parent(None) is None
