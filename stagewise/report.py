@@ -29,7 +29,7 @@ METRICS = ("instruction_following", "continuation_rate", "gold_reward", "format_
 STAGE_WORDS = {"data": "built the world's data", "pretrain": "pre-trained a base model on raw text",
                "sft": "fine-tuned it on instructions (SFT)", "reward": "trained a reward model on preference pairs",
                "ppo": "aligned the SFT model with PPO against that reward model",
-               "dpo": "aligned it, separately, with DPO on the pairs", "eval": "evaluated every model",
+               "dpo": "aligned it, separately, with DPO", "eval": "evaluated every model",
                "report": "wrote this report"}
 # Lineage metrics that are bookkeeping rather than results, left out of the "key metrics" column.
 BOOKKEEPING = {"seconds", "steps", "tokens_seen", "iterations"}
@@ -224,7 +224,8 @@ CURVES = (
     ("reward", "Reward model", "step", [("loss", "training loss")],
      [("accuracy", "training accuracy"), ("pairwise_accuracy", "held-out pairwise accuracy")], "loss", "accuracy"),
     ("dpo", "DPO", "step", [("loss", "loss"), ("rewards/margins", "reward margin")],
-     [("rewards/accuracies", "reward accuracy")], "loss / margin", "accuracy"),
+     [("rewards/accuracies", "reward accuracy"), ("samples/gold_score", "annotator's score of the round's samples")],
+     "loss / margin", "accuracy / score"),
     ("ppo", "PPO", "iteration", [("objective/scores", "proxy score (reward model)"),
                                  ("gold/score", "gold score (annotator)")],
      [("objective/kl", "KL to SFT")], "score", "KL (nats)"),

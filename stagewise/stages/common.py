@@ -99,15 +99,19 @@ def save_state(out: Path, step: int, model: torch.nn.Module, optimizer: torch.op
 
 def restore_state(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches, say) -> dict | None:
     """Load the newest valid checkpoint into model, optimizer and batches; None if there is none."""
-    from stagewise.training import set_rng_state
     state = checkpoint.load_latest(out / TRAIN_STATE, warn=say)
-    if state is None:
-        return None
+    if state is not None:
+        apply_state(state, model, optimizer, batches)
+    return state
+
+
+def apply_state(state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches) -> None:
+    """Put a checkpoint's model, optimizer, data position and RNG state back."""
+    from stagewise.training import set_rng_state
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     batches.load_state_dict(state["batches"])
     set_rng_state(state["rng"])
-    return state
 
 
 def chat_pair(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:

@@ -9,28 +9,37 @@ log-ratios) and rewards/accuracies. Both responses of a pair run in one row behi
 of their prompt (`shared_prompt`). `rpo_alpha` adds the chosen responses' per-token negative
 log-likelihood to the loss (RPO, Pang et al. 2024; TRL's `rpo_alpha`): DPO alone can lower the
 likelihood of chosen and rejected answers together, and the NLL term keeps the chosen ones up.
+
+Iterative on-policy DPO (`on_policy_rounds`, with the embedded world): fixed pairs written in
+advance show the model other answers' mistakes, not its own. Each round samples the policy's
+own answers to fresh preference prompts, the simulated annotator labels pairs of them with the
+same noise as the world's fixed pairs (`on_policy`), and DPO runs over them with the policy as it
+was at the round's start as the reference, as InstructGPT and Llama 2 collected comparisons on
+their latest models. With --data, DPO reads the given pairs (TRL's offline DPO).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from stagewise import data, methods, shared_prompt
+from stagewise import checkpoint, data, methods, shared_prompt
 from stagewise.batching import IndexBatches
 from stagewise.errors import StagewiseError
 from stagewise.losses import dpo_logits, dpo_loss, ipo_loss
 from stagewise.model import weights_sha256
 from stagewise.model_dir import load_language_model, save_model_dir
 from stagewise.stages import common
+from stagewise.stages import on_policy as on_policy_data
 from stagewise.training import (MetricsLog, OptimConfig, Progress, lr_at, make_optimizer, pick_device,
                                 seed_everything, set_lr)
-from stagewise.world.build import DataConfig
+from stagewise.world.build import DataConfig, make_world
 
 
 @dataclass
@@ -45,6 +54,15 @@ class DPOConfig:
     group_by_length: bool = True  # batch pairs of similar length: less padding, same data
     epochs: float = 1.0
     max_steps: int = 0  # when > 0, overrides epochs
+    # Iterative on-policy DPO, with the embedded world: each round samples the policy's own
+    # answers to `round_prompts` preference prompts (`round_samples` each), the annotator labels
+    # pairs of them (`on_policy`), and DPO runs `epochs` over them against the policy as it was at
+    # the round's start. 0 rounds, or --data: DPO on fixed pairs.
+    on_policy_rounds: int = 0
+    round_prompts: int = 4000
+    round_samples: int = 4
+    round_temperature: float = 1.0
+    round_max_new_tokens: int = 48
     checkpoint_every: int = 100
     log_every: int = 10
     device: str = "auto"
@@ -90,6 +108,16 @@ def reference_logprobs(model, encoded, average: bool, batch_size: int = 64) -> t
     return torch.cat(chosen).float().cpu(), torch.cat(rejected).float().cpu()
 
 
+def round_prompts(cfg: DPOConfig, round_index: int) -> list[str]:
+    """The preference prompts that on-policy round `round_index` samples answers to: disjoint
+    slices of the world's preference prompts, in a seeded order."""
+    prompts = sorted({p["prompt"] for p in common.world_data(cfg.world)["preferences"]})
+    random.Random(cfg.seed).shuffle(prompts)
+    n = min(cfg.round_prompts, len(prompts))
+    first = (round_index * n) % len(prompts)
+    return (prompts[first:] + prompts[:first])[:n]
+
+
 def train(cfg: DPOConfig, parent: Path, out: Path, data_files: list[Path] | None = None, resume: bool = False,
           log=print) -> Path:
     if cfg.loss not in ("sigmoid", "ipo"):
@@ -97,7 +125,8 @@ def train(cfg: DPOConfig, parent: Path, out: Path, data_files: list[Path] | None
     started, t0 = methods.now(), time.time()
     device = pick_device(cfg.device)
     model, tokenizer, lineage = load_language_model(parent)
-    pairs = load_pairs(cfg, data_files)
+    on_policy = cfg.on_policy_rounds > 0 and not data_files
+    fixed_pairs = None if on_policy else load_pairs(cfg, data_files)
     mode = common.prepare_out(out, resume)
     if mode == "finished":
         log(f"dpo: {out} is already finished; nothing to do")
@@ -105,31 +134,91 @@ def train(cfg: DPOConfig, parent: Path, out: Path, data_files: list[Path] | None
 
     seed_everything(cfg.seed)
     model = model.to(device)
-    encoded = common.preference_triples(tokenizer, pairs, model.cfg.max_seq_len)
-    average = cfg.loss == "ipo"
     optimizer = make_optimizer(model, cfg.optim)
-    lengths = [len(p) + max(len(c), len(r)) for p, c, r in encoded] if cfg.group_by_length else None
-    batches = IndexBatches(len(encoded), cfg.batch_size, cfg.seed, lengths)
-    max_steps = cfg.max_steps or max(1, int(cfg.epochs * len(batches)))
-    # The policy starts equal to the reference, so the reference's log-probs are the policy's now;
-    # only the pairs that the run's steps will draw are scored (a fresh copy of the batch order).
-    plan = IndexBatches(len(encoded), cfg.batch_size, cfg.seed, lengths)
-    used = sorted({i for _ in range(max_steps) for i in plan.next()})
-    ref_chosen, ref_rejected = torch.zeros(len(encoded)), torch.zeros(len(encoded))
-    ref_chosen[used], ref_rejected[used] = reference_logprobs(model, [encoded[i] for i in used], average)
-    step = 0
-    if mode == "resume" and (state := common.restore_state(out, model, optimizer, batches, log)):
-        step = state["step"]
-        log(f"dpo: resumed at step {step}")
-    log(f"dpo: {len(encoded):,} preference pairs, {cfg.loss} loss, beta {cfg.beta}; {max_steps} steps of "
-        f"{cfg.batch_size} pairs on {device}")
-
+    state = checkpoint.load_latest(out / common.TRAIN_STATE, warn=log) if mode == "resume" else None
+    n_rounds = cfg.on_policy_rounds if on_policy else 1
+    people = make_world(cfg.world).people_by_name if on_policy else None
     metrics = MetricsLog(out / "metrics.jsonl")
-    progress = Progress("dpo", max_steps, start=step)
+    seen: list[dict] = []  # every pair trained on, for the lineage's data hash
+    step = 0  # over all rounds
+    first_round = state["round"] if state else 0
+    if state:
+        seen = state["seen"]
+    for round_index in range(first_round, n_rounds):
+        resuming = state is not None and state["round"] == round_index
+        if resuming and on_policy:
+            pairs = state["pairs"]
+        elif on_policy:
+            comparisons = on_policy_data.collect(
+                model, tokenizer, round_prompts(cfg, round_index), people, samples=cfg.round_samples,
+                temperature=cfg.round_temperature, max_new_tokens=cfg.round_max_new_tokens,
+                seed=cfg.seed * 1_000_003 + round_index)
+            pairs = comparisons.pairs
+            metrics.write(step=step, round=round_index + 1, **{"samples/gold_score": comparisons.sample_score,
+                                                               "samples/pairs": len(pairs)})
+            log(f"dpo: round {round_index + 1}/{n_rounds}: {comparisons.samples:,} sampled answers score "
+                f"{comparisons.sample_score:.3f} with the annotator; {len(pairs):,} pairs")
+            if not pairs:
+                raise StagewiseError("dpo: the annotator scored every sampled answer alike; no pairs to learn from")
+        else:
+            pairs = fixed_pairs
+        encoded = common.preference_triples(tokenizer, pairs, model.cfg.max_seq_len)
+        lengths = [len(p) + len(c) + len(r) for p, c, r in encoded] if cfg.group_by_length else None
+        batches = IndexBatches(len(encoded), cfg.batch_size, cfg.seed + round_index, lengths)
+        round_steps = cfg.max_steps or max(1, int(cfg.epochs * len(batches)))
+        if resuming:
+            ref_chosen, ref_rejected = state["ref_chosen"], state["ref_rejected"]
+        else:
+            # The policy at the start of the round is its reference (the SFT model in the first
+            # round), so the reference's log-probs are the policy's now; only the pairs that the
+            # round's steps will draw are scored (a fresh copy of the batch order).
+            plan = IndexBatches(len(encoded), cfg.batch_size, cfg.seed + round_index, lengths)
+            used = sorted({i for _ in range(round_steps) for i in plan.next()})
+            ref_chosen, ref_rejected = torch.zeros(len(encoded)), torch.zeros(len(encoded))
+            ref_chosen[used], ref_rejected[used] = reference_logprobs(model, [encoded[i] for i in used],
+                                                                      cfg.loss == "ipo")
+        round_step = 0
+        if resuming:
+            common.apply_state(state, model, optimizer, batches)
+            round_step, step = state["round_step"], state["step"]
+            log(f"dpo: resumed at step {step}" + (f" (round {round_index + 1})" if on_policy else ""))
+        state = None
+        # What a checkpoint needs to continue this round: its pairs when they were sampled, and
+        # the reference's log-probs (the round's starting policy is gone once training moves it).
+        round_state = {"round": round_index, "pairs": pairs if on_policy else None,
+                       "ref_chosen": ref_chosen, "ref_rejected": ref_rejected}
+        log(f"dpo: {len(encoded):,} preference pairs, {cfg.loss} loss, beta {cfg.beta}; {round_steps} steps of "
+            f"{cfg.batch_size} pairs on {device}" + (f" (round {round_index + 1}/{n_rounds})" if on_policy else ""))
+        step = run_round(cfg, model, optimizer, encoded, batches, ref_chosen, ref_rejected, round_steps, round_step,
+                         step, metrics, out, round_state, seen, last=round_index == n_rounds - 1)
+        seen = seen + pairs
+
+    final = {"steps": step, "seconds": round(time.time() - t0, 1)}
+    if on_policy:
+        final["rounds"] = n_rounds
+    metrics.write(step=step, **final)
+    log(f"dpo: {step} steps in {final['seconds']} s")
+    entry = methods.lineage_entry(
+        "dpo", parent=str(parent), data_sha256=common.data_sha256(seen), config=dataclasses.asdict(cfg),
+        metrics=final, weights_sha256=weights_sha256(model), started=started)
+    save_model_dir(out, model, tokenizer, lineage + [entry])
+    common.finish_out(out, cfg.keep_train_state)
+    log(f"dpo: wrote {out}")
+    return out
+
+
+def run_round(cfg: DPOConfig, model, optimizer, encoded, batches, ref_chosen, ref_rejected, round_steps: int,
+              round_step: int, step: int, metrics: MetricsLog, out: Path, round_state: dict, seen: list[dict],
+              last: bool) -> int:
+    """DPO steps over one round's pairs (the learning-rate schedule restarts each round);
+    returns the step count over all rounds."""
+    average = cfg.loss == "ipo"
+    device = getattr(model, "_orig_mod", model).lm_head.weight.device
+    progress = Progress("dpo", round_steps, start=round_step)
     loss_fn = ipo_loss if cfg.loss == "ipo" else dpo_loss
     model.train()
-    while step < max_steps:
-        lr = lr_at(step, max_steps, cfg.optim)
+    while round_step < round_steps:
+        lr = lr_at(round_step, round_steps, cfg.optim)
         set_lr(optimizer, lr)
         index = batches.next()
         chosen, rejected = pair_logprobs(model, [encoded[i] for i in index], average)
@@ -145,8 +234,9 @@ def train(cfg: DPOConfig, parent: Path, out: Path, data_files: list[Path] | None
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        round_step += 1
         step += 1
-        if step % cfg.log_every == 0 or step == max_steps:
+        if round_step % cfg.log_every == 0 or round_step == round_steps:
             with torch.no_grad():
                 reward_chosen = cfg.beta * (chosen - rc)
                 reward_rejected = cfg.beta * (rejected - rr)
@@ -157,19 +247,10 @@ def train(cfg: DPOConfig, parent: Path, out: Path, data_files: list[Path] | None
                 if nll is not None:
                     record["nll_loss"] = nll.item()
             metrics.write(step=step, lr=lr, **record)
-            progress.update(step, loss=record["loss"], margin=record["rewards/margins"],
+            progress.update(round_step, loss=record["loss"], margin=record["rewards/margins"],
                             acc=record["rewards/accuracies"])
-        if step % cfg.checkpoint_every == 0 and step < max_steps:
-            common.save_state(out, step, model, optimizer, batches)
+        if (round_step % cfg.checkpoint_every == 0 or round_step == round_steps) and not (last and round_step == round_steps):
+            common.save_state(out, step, model, optimizer, batches, round_step=round_step,
+                              seen=seen if round_state["pairs"] is not None else [], **round_state)
     progress.close()
-
-    final = {"steps": step, "seconds": round(time.time() - t0, 1)}
-    metrics.write(step=step, **final)
-    log(f"dpo: {step} steps in {final['seconds']} s")
-    entry = methods.lineage_entry(
-        "dpo", parent=str(parent), data_sha256=common.data_sha256(pairs), config=dataclasses.asdict(cfg),
-        metrics=final, weights_sha256=weights_sha256(model), started=started)
-    save_model_dir(out, model, tokenizer, lineage + [entry])
-    common.finish_out(out, cfg.keep_train_state)
-    log(f"dpo: wrote {out}")
-    return out
+    return step

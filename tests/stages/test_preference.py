@@ -65,3 +65,62 @@ def test_ppo_logs_what_trl_logs_and_plots_overoptimisation(smoke_sft, smoke_rewa
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and {"sqrt_kl", "proxy_score", "gold_score"} <= set(rows[0])
     assert (out / "overoptimisation.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_on_policy_labels_pair_differing_answers_in_the_annotators_order():
+    from random import Random
+
+    from stagewise.stages import on_policy
+    from stagewise.world import annotator, tasks
+    from stagewise.world.people import Person
+    lola = Person("Lola", "Brest", "baker", 34)
+    people = {"Lola": lola}
+    prompt = tasks.facts(lola, "city", 0).prompt
+    answers = [["Lola lives in Brest.", "Lola lives in Lyon.", "Lola lives in Brest.", "Brest.\nHave a nice day."]]
+    got = on_policy.label([prompt], answers, people, Random(0))
+    # 4 answers make 6 pairs; the two identical ideal answers make none, so 5 remain.
+    assert len(got.pairs) == 5 and got.samples == 4
+    for pair in got.pairs:
+        assert pair["prompt"] == prompt and pair["chosen"] != pair["rejected"]
+        if "Lyon" in pair["rejected"] or "Lyon" in pair["chosen"]:
+            assert "Lyon" in pair["rejected"]  # any right answer beats a wrong one (gap 0.6: no label noise)
+    example = tasks.solve(prompt, people)
+    assert got.sample_score == pytest.approx(sum(annotator.score_example(example, a) for a in answers[0]) / 4)
+
+
+def test_iterative_on_policy_dpo_samples_each_round_and_resumes_bit_for_bit(smoke_sft, smoke_config, tmp_path,
+                                                                            monkeypatch):
+    overrides = ("on_policy_rounds=2", "round_prompts=24", "round_samples=4", "round_max_new_tokens=16",
+                 "max_steps=6", "checkpoint_every=3", "log_every=1")
+    config = smoke_config(dpo.DPOConfig, "dpo", *overrides)
+    whole = dpo.train(config, smoke_sft, tmp_path / "whole", **QUIET)
+    rounds = [m for m in metrics(whole) if "samples/gold_score" in m]
+    assert [m["round"] for m in rounds] == [1, 2] and all(m["samples/pairs"] > 0 for m in rounds)
+    assert metrics(whole)[-1]["rounds"] == 2 and metrics(whole)[-1]["steps"] == 12
+
+    saved = common.save_state
+
+    def save_then_crash(*args, **kwargs):
+        saved(*args, **kwargs)
+        if kwargs["round"] == 1 and kwargs["round_step"] == 3:  # mid-way through the second round
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "save_state", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        dpo.train(config, smoke_sft, tmp_path / "killed", **QUIET)
+    monkeypatch.setattr(common, "save_state", saved)
+    resumed = dpo.train(config, smoke_sft, tmp_path / "killed", resume=True, **QUIET)
+    a, _, _ = load_language_model(whole)
+    b, _, _ = load_language_model(resumed)
+    assert weights_sha256(a) == weights_sha256(b)
+
+
+def test_dpo_on_given_pairs_stays_offline_whatever_the_rounds(smoke_sft, smoke_config, tmp_path):
+    config = smoke_config(dpo.DPOConfig, "dpo", "on_policy_rounds=2", "max_steps=2", "log_every=1")
+    pairs = common.world_data(config.world)["preferences"][:32]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    out = dpo.train(config, smoke_sft, tmp_path / "dpo", data_files=[tmp_path / "pairs.jsonl"], **QUIET)
+    assert not [m for m in metrics(out) if "samples/gold_score" in m]
+    assert metrics(out)[-1]["steps"] == 2 and "rounds" not in metrics(out)[-1]
+    _, _, lineage = load_language_model(out)
+    assert lineage[-1]["data_sha256"] == common.data_sha256(pairs)
