@@ -139,12 +139,9 @@ def train(cfg: DPOConfig, parent: Path, out: Path, data_files: list[Path] | None
     n_rounds = cfg.on_policy_rounds if on_policy else 1
     people = make_world(cfg.world).people_by_name if on_policy else None
     metrics = MetricsLog(out / "metrics.jsonl")
-    seen: list[dict] = []  # every pair trained on, for the lineage's data hash
+    seen: list[dict] = state["seen"] if state else []  # the pairs of the finished rounds, for the data hash
     step = 0  # over all rounds
-    first_round = state["round"] if state else 0
-    if state:
-        seen = state["seen"]
-    for round_index in range(first_round, n_rounds):
+    for round_index in range(state["round"] if state else 0, n_rounds):
         resuming = state is not None and state["round"] == round_index
         if resuming and on_policy:
             pairs = state["pairs"]
@@ -185,12 +182,12 @@ def train(cfg: DPOConfig, parent: Path, out: Path, data_files: list[Path] | None
         state = None
         # What a checkpoint needs to continue this round: its pairs when they were sampled, and
         # the reference's log-probs (the round's starting policy is gone once training moves it).
-        round_state = {"round": round_index, "pairs": pairs if on_policy else None,
+        round_state = {"round": round_index, "pairs": pairs if on_policy else None, "seen": seen,
                        "ref_chosen": ref_chosen, "ref_rejected": ref_rejected}
         log(f"dpo: {len(encoded):,} preference pairs, {cfg.loss} loss, beta {cfg.beta}; {round_steps} steps of "
             f"{cfg.batch_size} pairs on {device}" + (f" (round {round_index + 1}/{n_rounds})" if on_policy else ""))
-        step = run_round(cfg, model, optimizer, encoded, batches, ref_chosen, ref_rejected, round_steps, round_step,
-                         step, metrics, out, round_state, seen, last=round_index == n_rounds - 1)
+        step = run_round(cfg, model, optimizer, encoded, batches, round_state, round_steps, round_step, step,
+                         metrics, out, last=round_index == n_rounds - 1)
         seen = seen + pairs
 
     final = {"steps": step, "seconds": round(time.time() - t0, 1)}
@@ -207,12 +204,12 @@ def train(cfg: DPOConfig, parent: Path, out: Path, data_files: list[Path] | None
     return out
 
 
-def run_round(cfg: DPOConfig, model, optimizer, encoded, batches, ref_chosen, ref_rejected, round_steps: int,
-              round_step: int, step: int, metrics: MetricsLog, out: Path, round_state: dict, seen: list[dict],
-              last: bool) -> int:
-    """DPO steps over one round's pairs (the learning-rate schedule restarts each round);
-    returns the step count over all rounds."""
+def run_round(cfg: DPOConfig, model, optimizer, encoded, batches, round_state: dict, round_steps: int,
+              round_step: int, step: int, metrics: MetricsLog, out: Path, last: bool) -> int:
+    """DPO steps over one round's pairs against `round_state`'s reference log-probs (the
+    learning-rate schedule restarts each round); returns the step count over all rounds."""
     average = cfg.loss == "ipo"
+    ref_chosen, ref_rejected = round_state["ref_chosen"], round_state["ref_rejected"]
     device = getattr(model, "_orig_mod", model).lm_head.weight.device
     progress = Progress("dpo", round_steps, start=round_step)
     loss_fn = ipo_loss if cfg.loss == "ipo" else dpo_loss
@@ -250,7 +247,6 @@ def run_round(cfg: DPOConfig, model, optimizer, encoded, batches, ref_chosen, re
             progress.update(round_step, loss=record["loss"], margin=record["rewards/margins"],
                             acc=record["rewards/accuracies"])
         if (round_step % cfg.checkpoint_every == 0 or round_step == round_steps) and not (last and round_step == round_steps):
-            common.save_state(out, step, model, optimizer, batches, round_step=round_step,
-                              seen=seen if round_state["pairs"] is not None else [], **round_state)
+            common.save_state(out, step, model, optimizer, batches, round_step=round_step, **round_state)
     progress.close()
     return step

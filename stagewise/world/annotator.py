@@ -55,13 +55,18 @@ def score_example(example: tasks.Example, response: str) -> float:
     return sum(WEIGHTS[k] * v for k, v in parts.items())
 
 
-def gold_score(prompt: str, response: str, people: dict[str, Person]) -> float:
-    """The annotator's score of `response` to `prompt`, in [0, 1]. `people` is the world's
-    people by name (for questions about them)."""
+def example_for(prompt: str, people: dict[str, Person]) -> tasks.Example:
+    """The world's example behind `prompt`; refused when the prompt is not one the annotator
+    can judge. `people` is the world's people by name (for questions about them)."""
     example = tasks.solve(prompt, people)
     if example is None:
         raise StagewiseError(f"the simulated annotator cannot judge this prompt (not from the embedded world): {prompt!r}")
-    return score_example(example, response)
+    return example
+
+
+def gold_score(prompt: str, response: str, people: dict[str, Person]) -> float:
+    """The annotator's score of `response` to `prompt`, in [0, 1]."""
+    return score_example(example_for(prompt, people), response)
 
 
 def preference_probability(score_a: float, score_b: float) -> float:
