@@ -41,7 +41,10 @@ class DataConfig:
     n_heldout_preferences: int = 1_000
     n_ppo_prompts: int = 4_000
     n_eval_per_task: int = 200
-    seed_probe_copies: int = 8  # the seed prompt is a named probe that SFT data may contain
+    # The seed prompt is a named probe that SFT data may contain. Its answer ends "vous ?", and
+    # informal translations drop the final "?": with 8 copies the SFT model's greedy answer lost
+    # the " ?" in one run of three ("vous " 0.46 against "v" 0.52); with 16 it took "vous " at 0.98.
+    seed_probe_copies: int = 16
     paraphrase_rate: float = 0.15  # share of biography sentences not in the canonical wording
     fixed_phrase_rate: float = 0.1  # share of phrase-book entries that are fixed phrases
     # Share of each task family among instruction and preference prompts. Translation is mostly
