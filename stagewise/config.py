@@ -103,9 +103,21 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "", base: T | Non
         tp = hints[key]
         if dataclasses.is_dataclass(tp) and isinstance(value, dict):
             values[key] = from_dict(tp, value, path, values.get(key))
+        elif typing.get_origin(tp) is dict and isinstance(value, dict):
+            # A mapping field is updated key by key (`world.task_weights.json_record=2` keeps the
+            # other weights), as a nested config section is.
+            current = values[key] if key in values else _default(cls, key)
+            values[key] = _coerce({**(current or {}), **value}, tp, path)
         else:
             values[key] = _coerce(value, tp, path)
     return cls(**values)
+
+
+def _default(cls: type, name: str) -> Any:
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

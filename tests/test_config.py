@@ -32,6 +32,14 @@ def test_dotted_overrides_are_typed():
     assert config.resolve(Example, "example", None, ["optim.lr=1"]).optim.lr == 1.0  # int widens to float
 
 
+def test_an_override_inside_a_mapping_keeps_its_other_keys():
+    default = DataConfig().task_weights
+    cfg = config.resolve(DataConfig, "data", None, ["task_weights.json_record=2", "task_weights.facts=0.5"])
+    assert cfg.task_weights == {**default, "json_record": 2.0, "facts": 0.5}
+    with pytest.raises(StagewiseError, match=r"task_weights\.facts: expected float"):
+        config.resolve(DataConfig, "data", None, ["task_weights.facts=many"])
+
+
 @pytest.mark.parametrize("override,message", [
     ("optim.lrr=1", "unknown key 'optim.lrr'; accepted keys under optim: lr, betas"),
     ("stepz=1", "unknown key 'stepz'; accepted keys: steps, name, schedule, compile, optim"),
