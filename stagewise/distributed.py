@@ -10,6 +10,7 @@ FSDP2 (`torch.distributed.fsdp.fully_shard`) would slot in at `wrap`.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -78,5 +79,9 @@ def wrap(model: torch.nn.Module, d: Dist, device: torch.device) -> torch.nn.Modu
 
 
 def teardown(d: Dist | None) -> None:
+    """Leave the process group. The caller drops its DDP wrapper first: collected here, while the
+    interpreter is whole, it lets go of the gloo group, whose worker threads would otherwise be
+    torn down at interpreter exit and abort the process."""
     if d is not None:
+        gc.collect()
         dist.destroy_process_group()

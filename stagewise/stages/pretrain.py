@@ -177,5 +177,6 @@ def train(cfg: PretrainConfig, out: Path, data_files: list[Path] | None = None, 
         say(f"pretrain: wrote {out}")
     if dist:
         dist.barrier()
+    del train_model
     distributed.teardown(dist)
     return out

@@ -182,5 +182,6 @@ def train(cfg: SFTConfig, parent: Path, out: Path, data_files: list[Path] | None
         say(f"sft: wrote {out}")
     if dist:
         dist.barrier()
+    del train_model
     distributed.teardown(dist)
     return out
