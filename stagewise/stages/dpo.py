@@ -12,8 +12,9 @@ likelihood of chosen and rejected answers together, and the NLL term keeps the c
 
 Iterative on-policy DPO (`on_policy_rounds`, with the embedded world): fixed pairs written in
 advance show the model other answers' mistakes, not its own. Each round samples the policy's
-own answers to fresh preference prompts, the simulated annotator labels pairs of them with the
-same noise as the world's fixed pairs (`on_policy`), and DPO runs over them with the policy as it
+own answers to fresh preference prompts, the simulated annotator ranks each prompt's answers
+with the same noise as the world's fixed pairs and the best and the worst make a pair
+(`on_policy`), and DPO runs over them with the policy as it
 was at the round's start as the reference, as InstructGPT and Llama 2 collected comparisons on
 their latest models. With --data, DPO reads the given pairs (TRL's offline DPO).
 """
@@ -59,7 +60,7 @@ class DPOConfig:
     # pairs of them (`on_policy`), and DPO runs `epochs` over them against the policy as it was at
     # the round's start. 0 rounds, or --data: DPO on fixed pairs.
     on_policy_rounds: int = 0
-    round_prompts: int = 4000
+    round_prompts: int = 6000
     round_samples: int = 4
     round_temperature: float = 1.0
     round_max_new_tokens: int = 48

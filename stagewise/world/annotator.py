@@ -17,7 +17,8 @@ Preference labels follow a Bradley-Terry model of a noisy annotator: response a 
 with probability sigmoid((gold(a) - gold(b)) / TEMPERATURE). With TEMPERATURE = 0.05 the labels
 agree with the noiseless ordering on about 97 pairs in 100 for the world's mix of styles, and
 less often on close pairs (an ideal answer against an informal one: about 88 in 100).
-`expected_agreement` gives the exact rate for a set of pairs; `stagewise data` prints it beside
+`noisy_ranking` orders a group of responses with the same noise, as a labeller ranking several
+samples at once does. `expected_agreement` gives the exact rate for a set of pairs; `stagewise data` prints it beside
 the measured one. A reward model learnt from these labels is a proxy of the annotator, never a
 copy.
 """
@@ -77,6 +78,16 @@ def preference_probability(score_a: float, score_b: float) -> float:
 def label_pair(score_a: float, score_b: float, rng: random.Random) -> bool:
     """True when the noisy annotator prefers a."""
     return rng.random() < preference_probability(score_a, score_b)
+
+
+def noisy_ranking(scores: list[float], rng: random.Random) -> list[int]:
+    """The annotator ranking several responses at once, best first: each score plus Gumbel
+    noise of scale TEMPERATURE (a Plackett-Luce ranking). Any two responses come out in the
+    order `label_pair` would give them with the same probability, so ranking is the same
+    noisy annotator as comparing, asked about a whole group."""
+    gumbel = [-math.log(rng.expovariate(1.0) or 1e-300) for _ in scores]  # -log of Exp(1) is Gumbel(0, 1)
+    noisy = [s + TEMPERATURE * g for s, g in zip(scores, gumbel)]
+    return sorted(range(len(scores)), key=lambda i: -noisy[i])
 
 
 def expected_agreement(score_pairs: list[tuple[float, float]]) -> float:

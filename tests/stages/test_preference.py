@@ -67,7 +67,7 @@ def test_ppo_logs_what_trl_logs_and_plots_overoptimisation(smoke_sft, smoke_rewa
     assert (out / "overoptimisation.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_on_policy_labels_pair_differing_answers_in_the_annotators_order():
+def test_on_policy_pairs_the_best_and_the_worst_answer_of_each_prompt():
     from random import Random
 
     from stagewise.stages import on_policy
@@ -76,16 +76,15 @@ def test_on_policy_labels_pair_differing_answers_in_the_annotators_order():
     lola = Person("Lola", "Brest", "baker", 34)
     people = {"Lola": lola}
     prompt = tasks.facts(lola, "city", 0).prompt
-    answers = [["Lola lives in Brest.", "Lola lives in Lyon.", "Lola lives in Brest.", "Brest.\nHave a nice day."]]
-    got = on_policy.label([prompt], answers, people, Random(0))
-    # 4 answers make 6 pairs; the two identical ideal answers make none, so 5 remain.
-    assert len(got.pairs) == 5 and got.samples == 4
-    for pair in got.pairs:
-        assert pair["prompt"] == prompt and pair["chosen"] != pair["rejected"]
-        if "Lyon" in pair["rejected"] or "Lyon" in pair["chosen"]:
-            assert "Lyon" in pair["rejected"]  # any right answer beats a wrong one (gap 0.6: no label noise)
+    answers = [["Lola lives in Brest.", "Lola lives in Lyon.", "Lola lives in Brest.", "Brest.\nHave a nice day."],
+               ["Lola lives in Brest."] * 4]  # all alike: nothing to compare
+    got = on_policy.label([prompt, prompt], answers, people, Random(0))
+    # The wrong answer is last whatever the noise (any right answer beats a wrong one by 0.6).
+    assert got.pairs == [{"prompt": prompt, "chosen": "Lola lives in Brest.", "rejected": "Lola lives in Lyon."}]
+    assert got.samples == 8
     example = tasks.solve(prompt, people)
-    assert got.sample_score == pytest.approx(sum(annotator.score_example(example, a) for a in answers[0]) / 4)
+    scores = [annotator.score_example(example, a) for group in answers for a in group]
+    assert got.sample_score == pytest.approx(sum(scores) / 8)
 
 
 def test_iterative_on_policy_dpo_samples_each_round_and_resumes_bit_for_bit(smoke_sft, smoke_config, tmp_path,

@@ -49,6 +49,14 @@ def test_noisy_labels_follow_bradley_terry():
     assert annotator.expected_agreement([(1.0, 0.9), (0.9, 1.0)]) == pytest.approx(p)
 
 
+def test_a_noisy_ranking_orders_any_two_responses_as_a_noisy_comparison_does():
+    rng = random.Random(0)
+    firsts = sum(annotator.noisy_ranking([1.0, 0.9], rng)[0] == 0 for _ in range(20000))
+    assert firsts / 20000 == pytest.approx(annotator.preference_probability(1.0, 0.9), abs=0.01)
+    ranking = annotator.noisy_ranking([0.2, 1.0, 0.6, 0.9], rng)
+    assert sorted(ranking) == [0, 1, 2, 3] and ranking[-1] == 0  # a gap of 0.4 or more: no noise in practice
+
+
 def test_score_parts_are_in_range():
     example = tasks.facts(PEOPLE["Lola"], "age", 0)
     parts = annotator.score_parts(example, "Lola is 34 years old.")
