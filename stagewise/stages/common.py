@@ -70,6 +70,11 @@ def finish_out(out: Path, keep_train_state: bool) -> None:
         shutil.rmtree(out / TRAIN_STATE, ignore_errors=True)
 
 
+def final_line(stage: str, final: dict) -> str:
+    """The one line a stage prints about its final metrics."""
+    return f"{stage}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items())
+
+
 def data_sha256(records: list) -> str:
     h = hashlib.sha256()
     for record in records:

@@ -275,7 +275,7 @@ def train(cfg: PPOConfig, parent: Path, reward_dir: Path, out: Path, data_files:
     final = {"iterations": iteration, "final_kl": curve[-1]["kl"], "final_proxy_score": curve[-1]["proxy_score"],
              "final_gold_score": curve[-1]["gold_score"], "seconds": round(time.time() - t0, 1)}
     metrics.write(**final)
-    log("ppo: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items()))
+    log(common.final_line("ppo", final))
     entry = methods.lineage_entry(
         "ppo", parent=str(parent), data_sha256=common.data_sha256(prompts_text),
         config={**dataclasses.asdict(cfg), "reward_model": str(reward_dir)}, metrics=final,

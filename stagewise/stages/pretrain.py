@@ -168,7 +168,7 @@ def train(cfg: PretrainConfig, out: Path, data_files: list[Path] | None = None, 
             final.update(cloze)
             final["fact_cloze_heldout_people"] = evaluation.fact_cloze(model, tokenizer, heldout)["fact_cloze"]
         metrics.write(step=step, **final)
-        say("pretrain: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items()))
+        say(common.final_line("pretrain", final))
         entry = methods.lineage_entry(
             "pretrain", parent=None, data_sha256=common.data_sha256(records),
             config=dataclasses.asdict(cfg), metrics=final, weights_sha256=weights_sha256(model), started=started)

@@ -150,7 +150,7 @@ def train(cfg: RewardConfig, parent: Path, out: Path, data_files: list[Path] | N
     final = {"pairwise_accuracy": pairwise_accuracy(model, heldout_pairs, device),
              "heldout_pairs": len(heldout_pairs), "steps": step, "seconds": round(time.time() - t0, 1)}
     metrics.write(step=step, **final)
-    log("reward: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items()))
+    log(common.final_line("reward", final))
     entry = methods.lineage_entry(
         "reward_model", parent=str(parent), data_sha256=common.data_sha256(pairs), config=dataclasses.asdict(cfg),
         metrics=final, weights_sha256=weights_sha256(model), started=started)

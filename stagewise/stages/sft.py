@@ -173,7 +173,7 @@ def train(cfg: SFTConfig, parent: Path, out: Path, data_files: list[Path] | None
     if main:
         final = {"validation_loss": validation_loss(), "steps": step, "seconds": round(time.time() - t0, 1)}
         metrics.write(step=step, **final)
-        say("sft: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items()))
+        say(common.final_line("sft", final))
         entry = methods.lineage_entry(
             "sft", parent=str(parent), data_sha256=common.data_sha256(conversations),
             config=dataclasses.asdict(cfg), metrics=final, weights_sha256=weights_sha256(model), started=started)
