@@ -14,9 +14,8 @@ Iterative on-policy DPO (`on_policy_rounds`, with the embedded world): fixed pai
 advance show the model other answers' mistakes, not its own. Each round samples the policy's
 own answers to fresh preference prompts, the simulated annotator ranks each prompt's answers
 with the same noise as the world's fixed pairs and the best and the worst make a pair
-(`on_policy`), and DPO runs over them with the policy as it
-was at the round's start as the reference, as InstructGPT and Llama 2 collected comparisons on
-their latest models. With --data, DPO reads the given pairs (TRL's offline DPO).
+(`on_policy`), and DPO runs over them with the policy as it was at the round's start as the
+reference, as InstructGPT and Llama 2 collected comparisons on their latest models. With --data, DPO reads the given pairs (TRL's offline DPO).
 """
 
 from __future__ import annotations
@@ -56,9 +55,9 @@ class DPOConfig:
     epochs: float = 1.0
     max_steps: int = 0  # when > 0, overrides epochs
     # Iterative on-policy DPO, with the embedded world: each round samples the policy's own
-    # answers to `round_prompts` preference prompts (`round_samples` each), the annotator labels
-    # pairs of them (`on_policy`), and DPO runs `epochs` over them against the policy as it was at
-    # the round's start. 0 rounds, or --data: DPO on fixed pairs.
+    # answers to `round_prompts` preference prompts (`round_samples` each), the annotator ranks
+    # each prompt's answers and the best and the worst make a pair (`on_policy`), and DPO runs
+    # `epochs` over the pairs against the policy as it was at the round's start. 0 rounds, or --data: DPO on fixed pairs.
     on_policy_rounds: int = 0
     round_prompts: int = 6000
     round_samples: int = 4

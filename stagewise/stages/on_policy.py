@@ -6,9 +6,10 @@ own answers teach it about the mistakes it actually makes, which fixed pairs wri
 do not. Here the simulated annotator plays the labeller. For each prompt the model samples
 `samples` answers and the annotator ranks them with its usual noise (`annotator.noisy_ranking`);
 the first and the last of the ranking make the prompt's one pair, as on-policy DPO recipes
-binarise a scored group (SimPO's pairs the highest-scored sample with the lowest). Taking every differing pair instead made about
-three times as many pairs, many of them of two wrong answers, for the same win rate over the
-SFT model (0.658 against 0.656 from one SFT model, default preset) in 1.3 times the time.
+binarise a scored group (SimPO pairs the highest-scored sample with the lowest). Taking every
+differing pair instead made about three times as many pairs, many of them of two wrong answers,
+for the same win rate over the SFT model (0.658 against 0.656 from one SFT model, default
+preset) in 1.3 times the time.
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ with probability sigmoid((gold(a) - gold(b)) / TEMPERATURE). With TEMPERATURE = 
 agree with the noiseless ordering on about 97 pairs in 100 for the world's mix of styles, and
 less often on close pairs (an ideal answer against an informal one: about 88 in 100).
 `noisy_ranking` orders a group of responses with the same noise, as a labeller ranking several
-samples at once does. `expected_agreement` gives the exact rate for a set of pairs; `stagewise data` prints it beside
-the measured one. A reward model learnt from these labels is a proxy of the annotator, never a
-copy.
+samples at once does. `expected_agreement` gives the exact rate for a set of pairs; `stagewise
+data` prints it beside the measured one. A reward model learnt from these labels is a proxy of
+the annotator, never a copy.
 """
 
 from __future__ import annotations
