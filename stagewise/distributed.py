@@ -45,6 +45,12 @@ class Dist:
     def barrier(self) -> None:
         dist.barrier()
 
+    def from_main(self, value):
+        """Rank 0's `value` on every rank (a picklable object), e.g. a decision only rank 0 may take."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
 
 def setup(device: torch.device) -> Dist | None:
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:

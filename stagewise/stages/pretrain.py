@@ -87,11 +87,14 @@ def train(cfg: PretrainConfig, out: Path, data_files: list[Path] | None = None, 
 
     # Data first: bad input is refused before anything is written.
     texts, heldout_texts, records = load_texts(cfg, data_files)
-    mode = common.prepare_out(out, resume) if main else "fresh"
+    # Rank 0 alone looks at the output directory; every rank then follows its decision, so that
+    # all of them resume, start fresh or stop together.
+    mode = common.prepare_out(out, resume) if main else None
     if dist:
-        dist.barrier()
+        mode = dist.from_main(mode)
     if mode == "finished":
         say(f"pretrain: {out} is already finished; nothing to do")
+        distributed.teardown(dist)
         return out
     state_dir = out / common.TRAIN_STATE
 

@@ -99,6 +99,9 @@ def test_two_processes_under_torchrun_follow_the_single_process_loss_curve(tmp_p
                 "-m", "stagewise", *args, "--out", str(tmp_path / "two")]
     double = subprocess.run(torchrun, capture_output=True, text=True, env=env)
     assert double.returncode == 0, double.stderr[-3000:]
+    # Every rank follows rank 0's view of the directory: finished, so none of them trains.
+    again = subprocess.run([*torchrun, "--resume"], capture_output=True, text=True, env=env, timeout=120)
+    assert again.returncode == 0 and "already finished" in again.stdout, again.stderr[-3000:]
     one = [m["loss"] for m in metrics(tmp_path / "one") if "loss" in m]
     two = [m["loss"] for m in metrics(tmp_path / "two") if "loss" in m]
     assert len(one) == len(two) == 12
