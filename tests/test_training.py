@@ -32,3 +32,30 @@ def test_no_weight_decay_on_norms():
 
 def test_matmul_peak_is_positive():
     assert matmul_peak_flops(n=128, seconds=0.05) > 1e6
+
+
+def compiled_training_weights(steps: int = 4) -> list[torch.Tensor]:
+    from stagewise.model import ModelConfig, Transformer
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=96, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, intermediate_size=128, max_seq_len=128)
+    model = Transformer(cfg)
+    optimizer = make_optimizer(model, OptimConfig(lr=1e-2))
+    train = torch.compile(model)
+    for _ in range(steps):
+        batch = torch.randint(0, cfg.vocab_size, (16, 129))  # many repeated ids: the embedding gradient sums them
+        _, loss = train(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_compiled_training_is_bit_reproducible_on_cpu():
+    from stagewise.training import reproducible
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        reproducible(torch.device("cpu"))
+        first, second = compiled_training_weights(), compiled_training_weights()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))

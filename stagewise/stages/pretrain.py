@@ -24,7 +24,7 @@ from stagewise.model_dir import save_model_dir
 from stagewise.stages import common
 from stagewise.tokenizer import Tokenizer, train_tokenizer
 from stagewise.training import (MetricsLog, OptimConfig, Progress, Throughput, autocast_dtype, lr_at,
-                                make_optimizer, matmul_peak_flops, seed_everything, set_lr,
+                                make_optimizer, matmul_peak_flops, reproducible, seed_everything, set_lr,
                                 train_step)
 from stagewise.world.build import DataConfig, make_world
 
@@ -113,6 +113,7 @@ def train(cfg: PretrainConfig, out: Path, data_files: list[Path] | None = None, 
 
     # Model, optimizer, batches.
     seed_everything(cfg.seed)
+    reproducible(device)
     model = Transformer(model_cfg).to(device)
     optimizer = make_optimizer(model, cfg.optim)
     batches = PackedBatches(tokens, cfg.seq_len, cfg.batch_size, cfg.seed)

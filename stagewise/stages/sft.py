@@ -27,7 +27,7 @@ from stagewise.model import weights_sha256
 from stagewise.model_dir import load_language_model, save_model_dir
 from stagewise.stages import common
 from stagewise.training import (MetricsLog, OptimConfig, Progress, Throughput, autocast_dtype, lr_at,
-                                make_optimizer, matmul_peak_flops, seed_everything, set_lr,
+                                make_optimizer, matmul_peak_flops, reproducible, seed_everything, set_lr,
                                 train_step)
 from stagewise.world.build import DataConfig
 
@@ -124,6 +124,7 @@ def train(cfg: SFTConfig, parent: Path, out: Path, data_files: list[Path] | None
         return out
 
     seed_everything(cfg.seed)
+    reproducible(device)
     model = model.to(device)
     optimizer = make_optimizer(model, cfg.optim)
     batches = ExampleBatches(examples, cfg.batch_size, cfg.seed, tokenizer.pad_id,
