@@ -2,8 +2,8 @@
 
 Both models get the same config (the default preset's), the same batches, the same AdamW with
 the same hyper-parameters and gradient clipping, fp32 on this machine's CPU. Each side trains
-as its users would run it: stagewise with the `torch.compile` its default preset uses,
-transformers as `LlamaForCausalLM` comes. Rounds alternate between the two so that a noisy
+as its users would run it: stagewise with the `torch.compile` its default preset uses and in
+the deterministic mode its stages use on CPU, transformers as `LlamaForCausalLM` comes. Rounds alternate between the two so that a noisy
 neighbour slows both alike. The script also measures this machine's fp32 matmul peak and
 prints both models' MFU against it.
 
@@ -23,7 +23,7 @@ import torch
 
 from stagewise.model import Transformer
 from stagewise.stages import common, pretrain
-from stagewise.training import make_optimizer, matmul_peak_flops
+from stagewise.training import make_optimizer, matmul_peak_flops, reproducible
 
 
 def hf_model(stagewise_model: Transformer):
@@ -51,6 +51,7 @@ def main() -> None:
 
     cfg = common.resolve(pretrain.PretrainConfig, "pretrain", SimpleNamespace(preset="default", overrides=[]))
     torch.manual_seed(0)
+    reproducible(torch.device("cpu"))  # as the pre-training stage trains (process-wide: both sides)
     ours = Transformer(cfg.model)
     peer = hf_model(ours)
     batches = [torch.randint(0, cfg.model.vocab_size, (cfg.batch_size, cfg.seq_len + 1)) for _ in range(4)]
