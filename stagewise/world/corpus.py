@@ -5,9 +5,7 @@ Each generator returns one document. Together they teach what later stages rely 
   ("Malin lives in Brest."), so that instruction alignment can reuse the knowledge;
 - phrase-book and vocabulary pages, half English-to-French and half French-to-English, laid out
   as "English: ... / French: ..." patterns, so that translation can be prompted in context;
-- worksheets (additions with digits, word sorting, counting, capitals);
-- JSON records, each after the fields it lists, so that writing a record's keys is copying
-  them from earlier in the text, as an answer with the keys a question lists must;
+- worksheets (additions with digits, word sorting, counting, capitals) and JSON records;
 - forum threads where an instruction is posted and followed by chatter, never by an answer,
   so that a base model learns to continue such text, as web text teaches real models;
 - short stories mixing facts and phrase-book sentences.
@@ -158,20 +156,16 @@ def word_worksheet(rng: random.Random, allowed: Callable[[tuple[str, ...]], bool
 
 
 def json_records(rng: random.Random, people: Cycle) -> str:
-    """Records introduced by the name they hold and the fields they list, as a register export
-    lists them: the text teaches that a record's name is the one asked about, that its other
-    values are that person's facts, and that its keys are the fields named before it, in that
-    order (quoted as the record quotes them, so copying them is the skill a request for a record
-    with given keys needs)."""
+    """Records introduced by the name they hold, as a register lists them: the text teaches
+    that a record's name is the one asked about, not any name of the world, and that its other
+    values are that person's facts."""
     lines = []
     for _ in range(rng.randint(2, 6)):
         person = people.next()
         keys = list(ATTRIBUTES)
         rng.shuffle(keys)
         keys = ["name"] + keys[: rng.randint(1, 3)]
-        quoted = [f'"{k}"' for k in keys]
-        fields = ", ".join(quoted[:-1]) + " and " + quoted[-1]
-        lines.append(f"{person.name}, fields {fields}: " + json.dumps(person.record(keys), ensure_ascii=False))
+        lines.append(f"Record of {person.name}: " + json.dumps(person.record(keys), ensure_ascii=False))
     return rng.choice(["Export of the register", "Data dump", "Records"]) + "\n" + "\n".join(lines)
 
 
