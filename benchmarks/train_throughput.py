@@ -3,9 +3,9 @@
 Both models get the same config (the default preset's), the same batches, the same AdamW with
 the same hyper-parameters and gradient clipping, fp32 on this machine's CPU. Each side trains
 as its users would run it: stagewise with the `torch.compile` its default preset uses and in
-the deterministic mode its stages use on CPU, transformers as `LlamaForCausalLM` comes. Rounds alternate between the two so that a noisy
-neighbour slows both alike. The script also measures this machine's fp32 matmul peak and
-prints both models' MFU against it.
+the deterministic mode its stages use on CPU, transformers as `LlamaForCausalLM` comes. Rounds
+alternate between the two so that a noisy neighbour slows both alike. The script also measures
+this machine's fp32 matmul peak and prints both models' MFU against it.
 
     python benchmarks/train_throughput.py [--steps 30] [--rounds 3]
 
