@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from stagewise.training import OptimConfig, lr_at, make_optimizer, matmul_peak_flops
+from stagewise.training import OptimConfig, lr_at, make_optimizer, matmul_peak_flops, reproducible, train_step
 
 
 def test_warmup_then_cosine_to_the_floor():
@@ -43,15 +43,12 @@ def compiled_training_weights(steps: int = 4) -> list[torch.Tensor]:
     train = torch.compile(model)
     for _ in range(steps):
         batch = torch.randint(0, cfg.vocab_size, (16, 129))  # many repeated ids: the embedding gradient sums them
-        _, loss = train(batch[:, :-1], batch[:, 1:])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(train, model, optimizer, batch[:, :-1], batch[:, 1:], grad_accum=1, grad_clip=1.0,
+                   device=torch.device("cpu"), amp=None)
     return [p.detach().clone() for p in model.parameters()]
 
 
 def test_compiled_training_is_bit_reproducible_on_cpu():
-    from stagewise.training import reproducible
     was = torch.are_deterministic_algorithms_enabled()
     try:
         reproducible(torch.device("cpu"))
