@@ -83,21 +83,30 @@ def response_logprobs(model, packed: PackedPairs) -> tuple[torch.Tensor, torch.T
     """(chosen, rejected) per-token log-probs of a language model, each (B, R), 0 past the end.
     The LM head runs only where a response token is predicted."""
     base = getattr(model, "_orig_mod", model)
-    hidden = hidden_states(base.model, packed)  # (B, T, C)
-    _, B, R = packed.sources.shape
+    return logprobs_from_hidden(base.lm_head, hidden_states(base.model, packed), packed)
+
+
+def logprobs_from_hidden(lm_head, hidden: torch.Tensor, packed: PackedPairs, sides: tuple[int, ...] = (0, 1)
+                         ) -> tuple[torch.Tensor, ...]:
+    """`response_logprobs` from the decoder's output (B, T, C) and an LM head, for the given
+    sides (0 chosen, 1 rejected)."""
+    S, B, R = len(sides), packed.sources.shape[1], packed.sources.shape[2]
     C = hidden.size(-1)
-    picked = hidden.gather(1, packed.sources.permute(1, 0, 2).reshape(B, 2 * R, 1).expand(B, 2 * R, C))
-    logits = base.lm_head(picked).float()  # (B, 2R, V)
-    tokens = packed.tokens.permute(1, 0, 2).reshape(B, 2 * R)
-    logprobs = -F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none").view(B, 2, R)
-    logprobs = logprobs.permute(1, 0, 2) * packed.mask  # (2, B, R)
-    return logprobs[0], logprobs[1]
+    sources, tokens, mask = (x[list(sides)].permute(1, 0, 2) for x in (packed.sources, packed.tokens, packed.mask))
+    picked = hidden.gather(1, sources.reshape(B, S * R, 1).expand(B, S * R, C))
+    logits = lm_head(picked).float()  # (B, S*R, V)
+    logprobs = -F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none").view(B, S, R)
+    return tuple((logprobs * mask).permute(1, 0, 2))  # S of (B, R)
 
 
 def rewards(reward_model, packed: PackedPairs) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) rewards (B,) of a reward model, read at each side's last token."""
-    hidden = hidden_states(reward_model.model, packed)  # (B, T, C)
+    return rewards_from_hidden(reward_model.score, hidden_states(reward_model.model, packed), packed)
+
+
+def rewards_from_hidden(score, hidden: torch.Tensor, packed: PackedPairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rewards` from the decoder's output (B, T, C) and a scalar head."""
     last = packed.last  # (2, B)
     rows = torch.arange(hidden.size(0), device=hidden.device)
-    scores = reward_model.score(torch.stack([hidden[rows, last[0]], hidden[rows, last[1]]])).squeeze(-1)  # (2, B)
+    scores = score(torch.stack([hidden[rows, last[0]], hidden[rows, last[1]]])).squeeze(-1)  # (2, B)
     return scores[0], scores[1]

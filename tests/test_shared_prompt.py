@@ -26,12 +26,16 @@ def test_logprobs_equal_separate_sequences():
     model = Transformer(CFG).eval()
     triples = random_triples(7)
     with torch.no_grad():
-        chosen, rejected = shared_prompt.response_logprobs(model, shared_prompt.pack(triples, CFG.max_seq_len))
+        packed = shared_prompt.pack(triples, CFG.max_seq_len)
+        chosen, rejected = shared_prompt.response_logprobs(model, packed)
+        only_chosen, = shared_prompt.logprobs_from_hidden(model.lm_head, shared_prompt.hidden_states(model.model, packed),
+                                                          packed, sides=(0,))
         want_c, mask_c = sequence_logprobs(model, [p for p, _, _ in triples], [c for _, c, _ in triples])
         want_r, mask_r = sequence_logprobs(model, [p for p, _, _ in triples], [r for _, _, r in triples])
     torch.testing.assert_close(chosen[:, :want_c.shape[1]], want_c, atol=1e-5, rtol=0)
     torch.testing.assert_close(rejected[:, :want_r.shape[1]], want_r, atol=1e-5, rtol=0)
     assert chosen[:, want_c.shape[1]:].abs().sum() == 0 and rejected[:, want_r.shape[1]:].abs().sum() == 0
+    torch.testing.assert_close(only_chosen, chosen, atol=1e-6, rtol=0)
 
 
 def test_gradients_equal_separate_sequences():

@@ -4,7 +4,11 @@ The SFT model's decoder gets a scalar head read at the last token of a rendered 
 assistant's `<|im_end|>`); the Bradley-Terry loss pushes the chosen response's reward above
 the rejected one's, with an optional margin and a reward-centring term that keeps rewards near
 zero. Both sides of a pair run in one row behind a single copy of their prompt
-(`shared_prompt`). `pairwise_accuracy` is measured on held-out pairs: with the embedded world,
+(`shared_prompt`). With `lm_coef` > 0 the decoder also keeps predicting the chosen responses
+through the language model's head, as in GRM (Yang et al., 2024): the language-modelling term
+keeps the hidden states those of a language model, and the reward model generalises better to
+pairs it did not see. The head is the tied token embedding, or an untied model's own LM head,
+frozen; the reward model's directory does not keep it. `pairwise_accuracy` is measured on held-out pairs: with the embedded world,
 pairs ordered by the annotator's noiseless score, so the figure says how well the learnt proxy
 reproduces the annotator itself rather than its noisy labels.
 """
@@ -12,6 +16,7 @@ reproduces the annotator itself rather than its noisy labels.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import random
 import time
@@ -19,12 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from stagewise import data, methods, shared_prompt
 from stagewise.batching import IndexBatches
 from stagewise.errors import StagewiseError
 from stagewise.losses import bradley_terry_loss
-from stagewise.model import weights_sha256
+from stagewise.model import Transformer, weights_sha256
 from stagewise.model_dir import load_language_model, save_model_dir
 from stagewise.reward_model import RewardModel
 from stagewise.stages import common
@@ -44,6 +50,7 @@ class RewardConfig:
     max_steps: int = 0  # when > 0, overrides epochs
     margin: float = 0.0
     center_coef: float = 0.01  # reward centring: coef * (r_chosen + r_rejected)^2
+    lm_coef: float = 0.0  # GRM: weight of the chosen responses' language-modelling loss
     heldout_share: float = 0.05  # of user pairs, held out for pairwise_accuracy
     eval_every: int = 100
     checkpoint_every: int = 100
@@ -82,6 +89,21 @@ def score_pairs(model: RewardModel, triples: list[shared_prompt.Triple], device:
     return shared_prompt.rewards(model, shared_prompt.pack(triples, model.cfg.max_seq_len, device))
 
 
+def language_model_head(model: RewardModel, lm: Transformer, device: torch.device):
+    """hidden (..., C) -> logits (..., V) for the GRM term: through the reward model's own token
+    embedding when the language model ties its head to it, else through a frozen copy of the
+    language model's head."""
+    if lm.cfg.tie_embeddings:
+        return lambda hidden: F.linear(hidden, model.model.embed_tokens.weight)
+    return copy.deepcopy(lm.lm_head).to(device).requires_grad_(False)
+
+
+def chosen_nll(lm_head, hidden: torch.Tensor, packed: shared_prompt.PackedPairs) -> torch.Tensor:
+    """Mean negative log-likelihood of the chosen responses' tokens: GRM's language-modelling term."""
+    chosen_logprobs, = shared_prompt.logprobs_from_hidden(lm_head, hidden, packed, sides=(0,))
+    return -chosen_logprobs.sum() / packed.mask[0].sum()
+
+
 @torch.no_grad()
 def pairwise_accuracy(model: RewardModel, pairs: list[shared_prompt.Triple], device: torch.device,
                       batch_size: int = 64) -> float:
@@ -107,6 +129,7 @@ def train(cfg: RewardConfig, parent: Path, out: Path, data_files: list[Path] | N
 
     seed_everything(cfg.seed)
     model = RewardModel.from_language_model(lm).to(device)
+    lm_head = language_model_head(model, lm, device)
     del lm
     train_pairs = common.preference_triples(tokenizer, pairs, model.cfg.max_seq_len)
     heldout_pairs = common.preference_triples(tokenizer, heldout, model.cfg.max_seq_len)
@@ -128,8 +151,15 @@ def train(cfg: RewardConfig, parent: Path, out: Path, data_files: list[Path] | N
         lr = lr_at(step, max_steps, cfg.optim)
         set_lr(optimizer, lr)
         chunk = [train_pairs[i] for i in batches.next()]
-        chosen, rejected = score_pairs(model, chunk, device)
+        packed = shared_prompt.pack(chunk, model.cfg.max_seq_len, device)
+        hidden = shared_prompt.hidden_states(model.model, packed)
+        chosen, rejected = shared_prompt.rewards_from_hidden(model.score, hidden, packed)
         loss = bradley_terry_loss(chosen, rejected, cfg.margin, cfg.center_coef)
+        logged = {"loss": loss.item()}
+        if cfg.lm_coef:
+            lm_loss = chosen_nll(lm_head, hidden, packed)
+            logged["lm_loss"] = lm_loss.item()
+            loss = loss + cfg.lm_coef * lm_loss
         loss.backward()
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -139,8 +169,8 @@ def train(cfg: RewardConfig, parent: Path, out: Path, data_files: list[Path] | N
         if step % cfg.log_every == 0 or step == max_steps:
             accuracy = (chosen > rejected).float().mean().item()
             margin = (chosen - rejected).mean().item()
-            metrics.write(step=step, loss=loss.item(), lr=lr, accuracy=accuracy, margin=margin)
-            progress.update(step, loss=loss.item(), acc=accuracy, margin=margin)
+            metrics.write(step=step, **logged, lr=lr, accuracy=accuracy, margin=margin)
+            progress.update(step, **logged, acc=accuracy, margin=margin)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < max_steps:
             metrics.write(step=step, pairwise_accuracy=pairwise_accuracy(model, heldout_pairs, device))
         if step % cfg.checkpoint_every == 0 and step < max_steps:

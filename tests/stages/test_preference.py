@@ -5,7 +5,9 @@ import csv
 import json
 
 import pytest
+import torch
 
+from stagewise import shared_prompt
 from stagewise.model import weights_sha256
 from stagewise.model_dir import load_language_model, load_reward_model
 from stagewise.reward_model import RewardModel
@@ -36,6 +38,27 @@ def test_reward_model_has_its_own_lineage_and_held_out_accuracy(smoke_sft, smoke
     assert 0.0 <= final["pairwise_accuracy"] <= 1.0 and final["heldout_pairs"] > 0
     losses = [m["loss"] for m in metrics(smoke_reward) if "loss" in m]
     assert losses[0] > 0.65 and max(losses[-3:]) < 0.5, losses  # from log(2) at a zero head, down
+
+
+def test_grm_term_keeps_the_reward_model_a_language_model(smoke_sft, smoke_config, tmp_path):
+    # Bradley-Terry alone is free to wreck the decoder as a language model; GRM's term is not.
+    lm, tokenizer, _ = load_language_model(smoke_sft)
+    pairs = common.world_data(smoke_config(reward.RewardConfig, "reward").world)["preferences"][:64]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    packed = shared_prompt.pack(common.preference_triples(tokenizer, pairs, lm.cfg.max_seq_len), lm.cfg.max_seq_len)
+    nll = {}
+    for coef in (0.0, 1.0):
+        config = smoke_config(reward.RewardConfig, "reward", "optim.lr=3e-3", "max_steps=30", f"lm_coef={coef}")
+        out = reward.train(config, smoke_sft, tmp_path / f"reward-{coef}", data_files=[tmp_path / "pairs.jsonl"],
+                           **QUIET)
+        model, _, _ = load_reward_model(out)
+        with torch.no_grad():
+            hidden = shared_prompt.hidden_states(model.model, packed)
+            nll[coef] = reward.chosen_nll(reward.language_model_head(model, lm, "cpu"), hidden, packed).item()
+        assert any("lm_loss" in m for m in metrics(out)) == bool(coef)
+    with torch.no_grad():
+        before = reward.chosen_nll(lm.lm_head, shared_prompt.hidden_states(lm.model, packed), packed).item()
+    assert nll[1.0] < before < nll[0.0], (nll, before)
 
 
 @pytest.mark.parametrize("overrides", [(), ("loss=ipo",), ("rpo_alpha=1.0",)])
