@@ -34,8 +34,8 @@ def test_dotted_overrides_are_typed():
 
 def test_an_override_inside_a_mapping_keeps_its_other_keys():
     default = DataConfig().task_weights
-    cfg = config.resolve(DataConfig, "data", None, ["task_weights.json_record=2", "task_weights.facts=0.5"])
-    assert cfg.task_weights == {**default, "json_record": 2.0, "facts": 0.5}
+    cfg = config.resolve(DataConfig, "data", None, ["task_weights.json_record=3", "task_weights.facts=0.5"])
+    assert cfg.task_weights == {**default, "json_record": 3.0, "facts": 0.5}
     with pytest.raises(StagewiseError, match=r"task_weights\.facts: expected float"):
         config.resolve(DataConfig, "data", None, ["task_weights.facts=many"])
 
