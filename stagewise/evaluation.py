@@ -47,10 +47,11 @@ def masked_loss(model: Transformer, examples: list[tuple[list[int], list[bool]]]
     model.eval()
     for _ in range(len(batches)):  # whole batches; a partial last batch is left out
         x, y = batches.next()
-        logits = model(x.to(device))
         y = y.to(device)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum").item()
-        count += int((y != -100).sum())
+        _, loss = model(x.to(device), y, supervised_only=True)
+        n = int((y != -100).sum())
+        total += loss.item() * n
+        count += n
     model.train(was_training)
     return total / max(count, 1)
 

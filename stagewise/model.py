@@ -286,7 +286,7 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 kv_cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None, last_only: bool = False):
+                attn_mask: torch.Tensor | None = None, last_only: bool = False, supervised_only: bool = False):
         """idx (B, T) token ids -> logits (B, T, V), or (logits, mean loss) when targets (B, T) are given.
 
         targets: next-token ids, -100 where no loss is taken.
@@ -295,8 +295,16 @@ class Transformer(nn.Module):
         attn_mask: bool, broadcastable to (B, n_head, T, S) with S = keys attended (cached + T),
             True where a query may attend; default causal.
         last_only: compute logits for the last position only, (B, 1, V), as a decoder needs.
+        supervised_only: with targets, run the LM head only where a target is given and return
+            those logits, (N, V): the same loss for less work when most positions carry none (an
+            SFT batch's prompts). The number of positions varies from batch to batch, so this is
+            for eager training.
         """
         x = self.model(idx, kv_cache=kv_cache, positions=positions, attn_mask=attn_mask)  # (B, T, C)
+        if targets is not None and supervised_only:
+            keep = targets != -100
+            logits = self.lm_head(x[keep])  # (N, V)
+            return logits, F.cross_entropy(logits.float(), targets[keep])
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(x)  # (B, T, V)

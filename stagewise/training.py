@@ -214,11 +214,12 @@ def _duration(seconds: float) -> str:
 
 def train_step(train_model: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                x: torch.Tensor, y: torch.Tensor, *, grad_accum: int, grad_clip: float, device: torch.device,
-               amp: torch.dtype | None, dist=None) -> torch.Tensor:
+               amp: torch.dtype | None, dist=None, supervised_only: bool = False) -> torch.Tensor:
     """One optimizer step on a batch (B, T) of inputs and next-token targets (-100 = no loss),
     split into `grad_accum` micro-batches. `train_model` is what runs forward (compiled and/or
     DDP-wrapped), `model` owns the parameters. Returns the mean micro-batch loss (detached).
-    Under DDP, gradients are synchronised only on the last micro-batch."""
+    Under DDP, gradients are synchronised only on the last micro-batch. `supervised_only`: see
+    `Transformer.forward`."""
     micro = x.shape[0] // grad_accum
     loss_sum = torch.zeros((), device=device)
     for i in range(grad_accum):
@@ -226,7 +227,7 @@ def train_step(train_model: torch.nn.Module, model: torch.nn.Module, optimizer: 
         sync = dist is None or i == grad_accum - 1
         with (train_model.no_sync() if not sync else contextlib.nullcontext()), \
                 torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            _, loss = train_model(xb, yb)
+            _, loss = train_model(xb, yb, supervised_only=supervised_only)
             (loss / grad_accum).backward()
         loss_sum += loss.detach()
     if grad_clip > 0:

@@ -112,6 +112,24 @@ def test_loss_is_mean_cross_entropy_over_unignored_targets():
     assert abs(loss.item() - sum(terms) / len(terms)) < 1e-5
 
 
+def test_supervised_only_loss_and_gradients_equal_the_full_head():
+    full, sparse = tiny_model(), tiny_model()
+    idx = torch.randint(0, 300, (3, 10), generator=torch.Generator().manual_seed(5))
+    targets = torch.randint(0, 300, (3, 10), generator=torch.Generator().manual_seed(6))
+    targets[:, :6] = -100  # a prompt carries no loss
+    targets[1, 8:] = -100  # nor does padding
+    logits, loss = full(idx, targets)
+    sparse_logits, sparse_loss = sparse(idx, targets, supervised_only=True)
+    keep = targets != -100
+    assert sparse_logits.shape == (int(keep.sum()), 300)
+    torch.testing.assert_close(sparse_logits, logits[keep], atol=1e-6, rtol=0)
+    torch.testing.assert_close(sparse_loss, loss, atol=1e-6, rtol=0)
+    loss.backward()
+    sparse_loss.backward()
+    for (name, a), (_, b) in zip(full.named_parameters(), sparse.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_parameter_names_and_counts():
     for tie in (True, False):
         cfg = ModelConfig(**{**TINY, "n_kv_head": 2, "tie_embeddings": tie})

@@ -157,7 +157,8 @@ def train(cfg: SFTConfig, parent: Path, out: Path, data_files: list[Path] | None
         if dist:
             x, y = dist.shard(x), dist.shard(y)
         loss = train_step(train_model, model, optimizer, x, y, grad_accum=cfg.grad_accum,
-                          grad_clip=cfg.optim.grad_clip, device=device, amp=amp, dist=dist)
+                          grad_clip=cfg.optim.grad_clip, device=device, amp=amp, dist=dist,
+                          supervised_only=not cfg.compile)
         step += 1
         meter.add(int((x != tokenizer.pad_id).sum()) * world_size)
         if step % cfg.log_every == 0 or step == max_steps:
