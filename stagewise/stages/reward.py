@@ -4,13 +4,17 @@ The SFT model's decoder gets a scalar head read at the last token of a rendered 
 assistant's `<|im_end|>`); the Bradley-Terry loss pushes the chosen response's reward above
 the rejected one's, with an optional margin and a reward-centring term that keeps rewards near
 zero. Both sides of a pair run in one row behind a single copy of their prompt
-(`shared_prompt`). With `lm_coef` > 0 the decoder also keeps predicting the chosen responses
-through the language model's head, as in GRM (Yang et al., 2024): the language-modelling term
-keeps the hidden states those of a language model, and the reward model generalises better to
-pairs it did not see. The head is the tied token embedding, or an untied model's own LM head,
-frozen; the reward model's directory does not keep it. `pairwise_accuracy` is measured on held-out pairs: with the embedded world,
-pairs ordered by the annotator's noiseless score, so the figure says how well the learnt proxy
-reproduces the annotator itself rather than its noisy labels.
+(`shared_prompt`).
+
+With `lm_coef` > 0 the decoder also keeps predicting the chosen responses through the language
+model's head, as in GRM (Yang et al., 2024): the language-modelling term keeps the hidden states
+those of a language model, and the reward model generalises better to pairs it did not see. The
+head is the tied token embedding, or an untied model's own LM head, frozen; the reward model's
+directory does not keep it.
+
+`pairwise_accuracy` is measured on held-out pairs: with the embedded world, pairs ordered by the
+annotator's noiseless score, so the figure says how well the learnt proxy reproduces the
+annotator itself rather than its noisy labels.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stagewise import shared_prompt
-from stagewise.model import weights_sha256
+from stagewise.model import ModelConfig, Transformer, weights_sha256
 from stagewise.model_dir import load_language_model, load_reward_model
 from stagewise.reward_model import RewardModel
 from stagewise.stages import common, dpo, ppo, reward
@@ -59,6 +59,21 @@ def test_grm_term_keeps_the_reward_model_a_language_model(smoke_sft, smoke_confi
     with torch.no_grad():
         before = reward.chosen_nll(lm.lm_head, shared_prompt.hidden_states(lm.model, packed), packed).item()
     assert nll[1.0] < before < nll[0.0], (nll, before)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_grm_head_is_the_language_models_own(tie):
+    torch.manual_seed(0)
+    lm = Transformer(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=16, intermediate_size=32,
+                                 max_seq_len=16, tie_embeddings=tie))
+    rm = RewardModel.from_language_model(lm)
+    head = reward.language_model_head(rm, lm, "cpu")
+    hidden = torch.randn(3, 16)
+    torch.testing.assert_close(head(hidden), lm.lm_head(hidden))
+    # Tied, it trains with the reward model's embedding; untied, it is a frozen copy outside it.
+    trainable = {id(p) for p in rm.parameters()}
+    head_params = [rm.model.embed_tokens.weight] if tie else list(head.parameters())
+    assert all((id(p) in trainable) == tie and p.requires_grad == tie for p in head_params)
 
 
 @pytest.mark.parametrize("overrides", [(), ("loss=ipo",), ("rpo_alpha=1.0",)])
