@@ -158,13 +158,10 @@ def train(cfg: RewardConfig, parent: Path, out: Path, data_files: list[Path] | N
         packed = shared_prompt.pack(chunk, model.cfg.max_seq_len, device)
         hidden = shared_prompt.hidden_states(model.model, packed)
         chosen, rejected = shared_prompt.rewards_from_hidden(model.score, hidden, packed)
-        loss = bradley_terry_loss(chosen, rejected, cfg.margin, cfg.center_coef)
-        logged = {"loss": loss.item()}
+        losses = {"loss": bradley_terry_loss(chosen, rejected, cfg.margin, cfg.center_coef)}
         if cfg.lm_coef:
-            lm_loss = chosen_nll(lm_head, hidden, packed)
-            logged["lm_loss"] = lm_loss.item()
-            loss = loss + cfg.lm_coef * lm_loss
-        loss.backward()
+            losses["lm_loss"] = chosen_nll(lm_head, hidden, packed)
+        (losses["loss"] + cfg.lm_coef * losses.get("lm_loss", 0.0)).backward()
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
@@ -173,6 +170,7 @@ def train(cfg: RewardConfig, parent: Path, out: Path, data_files: list[Path] | N
         if step % cfg.log_every == 0 or step == max_steps:
             accuracy = (chosen > rejected).float().mean().item()
             margin = (chosen - rejected).mean().item()
+            logged = {name: value.item() for name, value in losses.items()}
             metrics.write(step=step, **logged, lr=lr, accuracy=accuracy, margin=margin)
             progress.update(step, **logged, acc=accuracy, margin=margin)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < max_steps:
