@@ -109,12 +109,13 @@ def best_of_n(model: Transformer, tokenizer, reward_model: RewardModel, prompts:
     with torch.no_grad():
         for start in range(0, len(candidates), 128):
             chunk = candidates[start:start + 128]
-            sequences = []
+            sequences, starts = [], []
             for text, _, _, _ in chunk:
                 prompt_ids, response_ids = common.chat_pair(tokenizer, prompts[(start + len(sequences)) // n], text)
                 sequences.append((prompt_ids + response_ids)[:reward_model.cfg.max_seq_len])
+                starts.append(len(prompt_ids))
             lengths = torch.tensor([len(s) for s in sequences])
-            scores += reward_model(pad_right(sequences, tokenizer.pad_id), lengths).tolist()
+            scores += reward_model(pad_right(sequences, tokenizer.pad_id), lengths, torch.tensor(starts)).tolist()
     best = []
     for i in range(len(prompts)):
         window = scores[i * n:(i + 1) * n]

@@ -156,7 +156,11 @@ def load_model_dir(path: str | Path, require_lineage: bool = True) -> tuple[Tran
     if architecture not in ARCHITECTURES:
         raise StagewiseError(f"{path / 'config.json'}: architecture {architecture!r} is not one of "
                              f"{', '.join(ARCHITECTURES)}")
-    model = ARCHITECTURES[architecture](cfg)
+    try:
+        model = (RewardModel(cfg, likelihood=config.get("likelihood_reward") is True)
+                 if architecture == REWARD_ARCHITECTURE else ARCHITECTURES[architecture](cfg))
+    except StagewiseError as e:
+        raise StagewiseError(f"{path / 'config.json'}: {e}") from None
     expected = set(model.state_dict())
     if cfg.tie_embeddings:
         expected.discard("lm_head.weight")

@@ -4,44 +4,76 @@ Its parameters are named as transformers' `LlamaForSequenceClassification` names
 decoder under `model.`, the head as `score`), and its directory says so in config.json, so
 `AutoModelForSequenceClassification.from_pretrained(dir)` loads it with the same scores. PPO
 also uses it as the critic, reading the head at every position (`values`).
+
+With `likelihood`, the reward also counts how likely the decoder finds the response: it adds
+`likelihood_weight` (learnt with the head) times the response's summed log-probability under
+the language-model head tied to the token embedding. A small decoder read at one token cannot
+recompute a sum or recall a person's city and compare it with the written one; the language
+model it came from predicts both, and its log-probability of a wrong sum or city is low. The
+term is the implicit reward of a language model, as in DPO, without a reference. transformers'
+classifier has no such term: for such a reward model it gives the head's part of the score
+(config.json says `likelihood_reward`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from stagewise.errors import StagewiseError
 from stagewise.model import Decoder, ModelConfig, Transformer
 
 ARCHITECTURE = "LlamaForSequenceClassification"
 
 
 class RewardModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, likelihood: bool = False):
         super().__init__()
+        if likelihood and not cfg.tie_embeddings:
+            raise StagewiseError("reward model: the likelihood term needs a language model with tied embeddings")
         self.cfg = cfg
         self.model = Decoder(cfg)
         self.score = nn.Linear(cfg.n_embd, 1, bias=False)
+        self.likelihood_weight = nn.Parameter(torch.zeros(())) if likelihood else None
 
     @classmethod
-    def from_language_model(cls, lm: Transformer) -> "RewardModel":
-        """The LM's decoder with a zero-initialised head: every response starts at reward 0."""
-        rm = cls(lm.cfg)
+    def from_language_model(cls, lm: Transformer, likelihood: bool = False) -> "RewardModel":
+        """The LM's decoder with a zero-initialised head (and likelihood weight): every response
+        starts at reward 0."""
+        rm = cls(lm.cfg, likelihood)
         rm.model.load_state_dict(lm.model.state_dict())
         nn.init.zeros_(rm.score.weight)
         return rm
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> (..., V) through the tied token embedding."""
+        return F.linear(hidden, self.model.embed_tokens.weight)
 
     def values(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T) the head's output at every position."""
         return self.score(self.model(idx)).squeeze(-1)
 
-    def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """(B, T) right-padded token ids and (B,) real lengths -> (B,) rewards at the last real token."""
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) right-padded token ids, (B,) real lengths and, for the likelihood term, (B,)
+        where each response starts -> (B,) rewards."""
         hidden = self.model(idx)  # (B, T, C)
-        last = hidden[torch.arange(idx.shape[0], device=idx.device), lengths - 1]  # (B, C)
-        return self.score(last).squeeze(-1)
+        rows = torch.arange(idx.shape[0], device=idx.device)
+        reward = self.score(hidden[rows, lengths - 1]).squeeze(-1)  # (B,)
+        if self.likelihood_weight is None:
+            return reward
+        if starts is None:
+            raise StagewiseError("reward model: its likelihood term needs where each response starts")
+        logprobs = -F.cross_entropy(self.lm_logits(hidden[:, :-1]).float().transpose(1, 2), idx[:, 1:],
+                                    reduction="none")  # (B, T-1): log p(token t+1 | up to t)
+        t = torch.arange(1, idx.shape[1], device=idx.device)[None, :]
+        in_response = (t >= starts[:, None]) & (t < lengths[:, None])
+        return reward + self.likelihood_weight * (logprobs * in_response).sum(-1)
 
     def config_extra(self, pad_token_id: int) -> dict:
         """config.json keys that make transformers read this as a one-label sequence classifier."""
-        return {"architectures": [ARCHITECTURE], "num_labels": 1, "id2label": {"0": "LABEL_0"},
-                "label2id": {"LABEL_0": 0}, "pad_token_id": pad_token_id}
+        extra = {"architectures": [ARCHITECTURE], "num_labels": 1, "id2label": {"0": "LABEL_0"},
+                 "label2id": {"LABEL_0": 0}, "pad_token_id": pad_token_id}
+        if self.likelihood_weight is not None:
+            extra["likelihood_reward"] = True
+        return extra

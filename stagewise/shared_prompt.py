@@ -5,7 +5,8 @@ is most of a pair's tokens (about 60% in the embedded world). Instead of running
 twice, each pair becomes one row, prompt then chosen then rejected: an attention mask keeps
 the rejected tokens from seeing the chosen ones, and their RoPE positions restart where the
 prompt ends, so every token sees exactly what it would in a sequence of its own and gets the
-same hidden state (up to float rounding). The reward model reads each side's last token; DPO
+same hidden state (up to float rounding). The reward model reads each side's last token (and
+its log-probabilities when it has a likelihood term); DPO
 takes each side's response log-probabilities, the rejected side's first token predicted from
 the prompt's last position like the chosen side's. The idea is the prefix sharing of Wang et
 al. (2024) for DPO, here with a boolean mask for `scaled_dot_product_attention`.
@@ -100,13 +101,19 @@ def logprobs_from_hidden(lm_head, hidden: torch.Tensor, packed: PackedPairs, sid
 
 
 def rewards(reward_model, packed: PackedPairs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) rewards (B,) of a reward model, read at each side's last token."""
-    return rewards_from_hidden(reward_model.score, hidden_states(reward_model.model, packed), packed)
+    """(chosen, rejected) rewards (B,) of a reward model: its head read at each side's last
+    token, plus its likelihood term when it has one."""
+    return rewards_from_hidden(reward_model, hidden_states(reward_model.model, packed), packed)
 
 
-def rewards_from_hidden(score, hidden: torch.Tensor, packed: PackedPairs) -> tuple[torch.Tensor, torch.Tensor]:
-    """`rewards` from the decoder's output (B, T, C) and a scalar head."""
+def rewards_from_hidden(reward_model, hidden: torch.Tensor, packed: PackedPairs,
+                        logprobs: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rewards` from the decoder's output (B, T, C); `logprobs`, the (chosen, rejected)
+    log-probabilities under the reward model's `lm_logits`, when the caller has them already."""
     last = packed.last  # (2, B)
     rows = torch.arange(hidden.size(0), device=hidden.device)
-    scores = score(torch.stack([hidden[rows, last[0]], hidden[rows, last[1]]])).squeeze(-1)  # (2, B)
+    scores = reward_model.score(torch.stack([hidden[rows, last[0]], hidden[rows, last[1]]])).squeeze(-1)  # (2, B)
+    if reward_model.likelihood_weight is not None:
+        chosen, rejected = logprobs or logprobs_from_hidden(reward_model.lm_logits, hidden, packed)
+        scores = scores + reward_model.likelihood_weight * torch.stack([chosen.sum(-1), rejected.sum(-1)])
     return scores[0], scores[1]

@@ -53,16 +53,20 @@ def test_gradients_equal_separate_sequences():
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_rewards_equal_separate_sequences():
+@pytest.mark.parametrize("likelihood", [False, True])
+def test_rewards_equal_separate_sequences(likelihood):
     torch.manual_seed(0)
-    rm = RewardModel(CFG).eval()
+    rm = RewardModel(CFG, likelihood).eval()
     torch.nn.init.normal_(rm.score.weight)
+    if likelihood:
+        rm.likelihood_weight.data.fill_(0.7)
     triples = random_triples(6, seed=2)
     with torch.no_grad():
         chosen, rejected = shared_prompt.rewards(rm, shared_prompt.pack(triples, CFG.max_seq_len))
         for b, (p, c, r) in enumerate(triples):
-            want = torch.cat([rm(torch.tensor([p + side]), torch.tensor([len(p + side)])) for side in (c, r)])
-            torch.testing.assert_close(torch.stack([chosen[b], rejected[b]]), want, atol=1e-5, rtol=0)
+            want = torch.cat([rm(torch.tensor([p + side]), torch.tensor([len(p + side)]), torch.tensor([len(p)]))
+                              for side in (c, r)])
+            torch.testing.assert_close(torch.stack([chosen[b], rejected[b]]), want, atol=1e-5, rtol=1e-6)
 
 
 def test_rows_may_be_longer_than_the_context_but_sides_may_not():

@@ -107,7 +107,8 @@ def gather_values(critic, prompts: list[list[int]], responses: list[list[int]], 
 def score(reward_model, prompts, responses, pad_id: int, device: torch.device) -> torch.Tensor:
     sequences = [p + r for p, r in zip(prompts, responses)]
     lengths = torch.tensor([len(s) for s in sequences], device=device)
-    return reward_model(pad_right(sequences, pad_id).to(device), lengths)
+    starts = torch.tensor([len(p) for p in prompts], device=device)
+    return reward_model(pad_right(sequences, pad_id).to(device), lengths, starts)
 
 
 def load_prompts(cfg: PPOConfig, data_files: list[Path] | None) -> list[str]:

@@ -12,6 +12,10 @@ those of a language model, and the reward model generalises better to pairs it d
 head is the tied token embedding, or an untied model's own LM head, frozen; the reward model's
 directory does not keep it.
 
+With `likelihood`, the reward adds a learnt weight times the response's log-likelihood under
+that tied head (`reward_model`), and Bradley-Terry trains both parts. The language model
+predicts a sum or a person's city better than a head read at one token can check them.
+
 `pairwise_accuracy` is measured on held-out pairs: with the embedded world, pairs ordered by the
 annotator's noiseless score, so the figure says how well the learnt proxy reproduces the
 annotator itself rather than its noisy labels.
@@ -55,6 +59,7 @@ class RewardConfig:
     margin: float = 0.0
     center_coef: float = 0.01  # reward centring: coef * (r_chosen + r_rejected)^2
     lm_coef: float = 0.0  # GRM: weight of the chosen responses' language-modelling loss
+    likelihood: bool = False  # add the responses' learnt-weighted log-likelihood to the reward (`reward_model`)
     heldout_share: float = 0.05  # of user pairs, held out for pairwise_accuracy
     eval_every: int = 100
     checkpoint_every: int = 100
@@ -132,7 +137,7 @@ def train(cfg: RewardConfig, parent: Path, out: Path, data_files: list[Path] | N
         return out
 
     seed_everything(cfg.seed)
-    model = RewardModel.from_language_model(lm).to(device)
+    model = RewardModel.from_language_model(lm, cfg.likelihood).to(device)
     lm_head = language_model_head(model, lm, device)
     del lm
     train_pairs = common.preference_triples(tokenizer, pairs, model.cfg.max_seq_len)
@@ -157,10 +162,13 @@ def train(cfg: RewardConfig, parent: Path, out: Path, data_files: list[Path] | N
         chunk = [train_pairs[i] for i in batches.next()]
         packed = shared_prompt.pack(chunk, model.cfg.max_seq_len, device)
         hidden = shared_prompt.hidden_states(model.model, packed)
-        chosen, rejected = shared_prompt.rewards_from_hidden(model.score, hidden, packed)
+        # With the likelihood term, its log-probabilities give GRM's term too: the same tied head.
+        logprobs = shared_prompt.logprobs_from_hidden(lm_head, hidden, packed) if cfg.likelihood else None
+        chosen, rejected = shared_prompt.rewards_from_hidden(model, hidden, packed, logprobs)
         losses = {"loss": bradley_terry_loss(chosen, rejected, cfg.margin, cfg.center_coef)}
         if cfg.lm_coef:
-            losses["lm_loss"] = chosen_nll(lm_head, hidden, packed)
+            losses["lm_loss"] = (-logprobs[0].sum() / packed.mask[0].sum() if logprobs
+                                 else chosen_nll(lm_head, hidden, packed))
         (losses["loss"] + cfg.lm_coef * losses.get("lm_loss", 0.0)).backward()
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)

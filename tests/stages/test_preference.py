@@ -37,7 +37,7 @@ def test_reward_model_has_its_own_lineage_and_held_out_accuracy(smoke_sft, smoke
     final = metrics(smoke_reward)[-1]
     assert 0.0 <= final["pairwise_accuracy"] <= 1.0 and final["heldout_pairs"] > 0
     losses = [m["loss"] for m in metrics(smoke_reward) if "loss" in m]
-    assert losses[0] > 0.65 and max(losses[-3:]) < 0.5, losses  # from log(2) at a zero head, down
+    assert losses[0] > 0.6 and max(losses[-3:]) < 0.5, losses  # from about log(2) at a zero head, down
 
 
 def test_grm_term_keeps_the_reward_model_a_language_model(smoke_sft, smoke_config, tmp_path):

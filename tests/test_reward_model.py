@@ -1,0 +1,86 @@
+"""The reward model: its head, its likelihood term, its directory and transformers' reading of it."""
+
+import random
+
+import pytest
+import torch
+
+from stagewise.batching import pad_right
+from stagewise.engine import sequence_logprobs
+from stagewise.errors import StagewiseError
+from stagewise.model import ModelConfig, Transformer
+from stagewise.model_dir import load_reward_model, save_model_dir
+from stagewise.reward_model import RewardModel
+from stagewise.tokenizer import train_tokenizer
+
+CFG = ModelConfig(vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=48, max_seq_len=40)
+
+
+def batch(seed: int = 0):
+    """Prompts and responses of varied lengths, right-padded as PPO and best-of-n score them."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(1, 300) for _ in range(rng.randint(1, 12))] for _ in range(5)]
+    responses = [[rng.randrange(1, 300) for _ in range(rng.randint(1, 10))] for _ in range(5)]
+    idx = pad_right([p + r for p, r in zip(prompts, responses)], 0)
+    lengths = torch.tensor([len(p) + len(r) for p, r in zip(prompts, responses)])
+    return prompts, responses, idx, lengths, torch.tensor([len(p) for p in prompts])
+
+
+def test_likelihood_term_is_the_language_models_response_log_probability():
+    torch.manual_seed(0)
+    lm = Transformer(CFG).eval()
+    with torch.no_grad():  # larger weights than the init, so that log-probabilities differ widely
+        for p in lm.parameters():
+            p.mul_(3.0)
+    prompts, responses, idx, lengths, starts = batch()
+    rm = RewardModel.from_language_model(lm, likelihood=True).eval()
+    with torch.no_grad():
+        assert rm(idx, lengths, starts).abs().max() == 0  # zero head, zero weight: every reward starts at 0
+        torch.nn.init.normal_(rm.score.weight)
+        head_only = RewardModel.from_language_model(lm).eval()
+        head_only.score.weight.copy_(rm.score.weight)
+        rm.likelihood_weight.fill_(0.5)
+        logprobs, _ = sequence_logprobs(lm, prompts, responses)
+        want = head_only(idx, lengths) + 0.5 * logprobs.sum(-1)
+        torch.testing.assert_close(rm(idx, lengths, starts), want, atol=1e-4, rtol=1e-5)
+        # A wrong token in a response lowers its reward by exactly the weighted log-probability it loses.
+        assert logprobs.sum(-1).abs().min() > 1.0
+
+
+def test_likelihood_term_needs_where_responses_start_and_a_tied_head():
+    _, _, idx, lengths, _ = batch()
+    with pytest.raises(StagewiseError, match="where each response starts"):
+        RewardModel(CFG, likelihood=True)(idx, lengths)
+    untied = ModelConfig(**{**CFG.__dict__, "tie_embeddings": False})
+    with pytest.raises(StagewiseError, match="tied embeddings"):
+        RewardModel(untied, likelihood=True)
+
+
+@pytest.mark.parametrize("likelihood", [False, True])
+def test_directory_round_trip_and_transformers_reads_the_head(tmp_path, likelihood):
+    torch.manual_seed(0)
+    rm = RewardModel.from_language_model(Transformer(CFG), likelihood=likelihood).eval()
+    torch.nn.init.normal_(rm.score.weight)
+    if likelihood:
+        rm.likelihood_weight.data.fill_(0.25)
+    tok = train_tokenizer(["le chat est sur la table", "the cat sat on a mat 12 + 30 = 42"] * 50, 300)
+    save_model_dir(tmp_path / "rm", rm, tok, [{"method": "reward_model"}], config_extra=rm.config_extra(tok.pad_id))
+    loaded, _, _ = load_reward_model(tmp_path / "rm")
+    assert (loaded.likelihood_weight is not None) == likelihood
+    _, _, idx, lengths, starts = batch(seed=1)
+    # Right padding with the pad id, which no real token is: transformers reads each row at its
+    # last token that is not the pad id.
+    real = torch.arange(idx.shape[1])[None, :] < lengths[:, None]
+    idx = torch.where(idx == tok.pad_id, (tok.pad_id + 1) % CFG.vocab_size, idx)
+    idx = torch.where(real, idx, torch.full_like(idx, tok.pad_id))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx, lengths, starts), rm(idx, lengths, starts), atol=0, rtol=0)
+        head = RewardModel(CFG).eval()  # the same decoder and head, without the likelihood term
+        head.model.load_state_dict(rm.model.state_dict())
+        head.score.load_state_dict(rm.score.state_dict())
+        ours = head(idx, lengths)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    with torch.no_grad():
+        theirs = hf(input_ids=idx).logits.squeeze(-1)
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
