@@ -104,6 +104,34 @@ def gather_values(critic, prompts: list[list[int]], responses: list[list[int]], 
     return values.gather(1, cols)
 
 
+def in_length_order(fn, prompts: list[list[int]], responses: list[list[int]], chunk: int):
+    """fn(prompts, responses) -> a tensor, or a tuple of tensors, of (b,) or (b, R_chunk) rows,
+    run on chunks of at most `chunk` rollouts of similar length and put back in rollout order,
+    the (b, R_chunk) ones padded with zeros to the longest response. The same figures as one call
+    over all rollouts, up to float rounding, with a fraction of the padding: in one batch of
+    rollouts, the longest prompt and response is about twice as long as the mean."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+    R = max(len(r) for r in responses)
+    parts: list[tuple[torch.Tensor, ...]] = []
+    for start in range(0, len(order), chunk):
+        rows = order[start:start + chunk]
+        out = fn([prompts[i] for i in rows], [responses[i] for i in rows])
+        parts.append(out if isinstance(out, tuple) else (out,))
+    merged = []
+    for outs in zip(*parts):
+        full = outs[0].new_zeros((len(prompts), R) if outs[0].dim() == 2 else (len(prompts),))
+        start = 0
+        for o in outs:
+            rows = torch.tensor(order[start:start + len(o)], device=o.device)
+            if o.dim() == 2:
+                full[rows, :o.shape[1]] = o
+            else:
+                full[rows] = o
+            start += len(o)
+        merged.append(full)
+    return tuple(merged) if isinstance(out, tuple) else merged[0]
+
+
 def score(reward_model, prompts, responses, pad_id: int, device: torch.device) -> torch.Tensor:
     sequences = [p + r for p, r in zip(prompts, responses)]
     lengths = torch.tensor([len(s) for s in sequences], device=device)
@@ -194,10 +222,16 @@ def train(cfg: PPOConfig, parent: Path, reward_dir: Path, out: Path, data_files:
                                     temperature=cfg.temperature, stop_ids=stop, seed=cfg.seed * 1_000_003 + iteration)
         ended = torch.tensor([r[-1] in stop for r in responses], device=device)
         with torch.no_grad():
-            old_logprobs, mask = engine.sequence_logprobs(policy, prompts, responses, temperature=cfg.temperature)
-            ref_logprobs, _ = engine.sequence_logprobs(reference, prompts, responses, temperature=cfg.temperature)
-            old_values = gather_values(critic, prompts, responses, tokenizer.pad_id, device)
-            scores = score(reward_model, prompts, responses, tokenizer.pad_id, device)
+            old_logprobs, mask = in_length_order(
+                lambda p, r: engine.sequence_logprobs(policy, p, r, temperature=cfg.temperature),
+                prompts, responses, cfg.minibatch * 2)
+            ref_logprobs, _ = in_length_order(
+                lambda p, r: engine.sequence_logprobs(reference, p, r, temperature=cfg.temperature),
+                prompts, responses, cfg.minibatch * 2)
+            old_values = in_length_order(lambda p, r: gather_values(critic, p, r, tokenizer.pad_id, device),
+                                         prompts, responses, cfg.minibatch * 2)
+            scores = in_length_order(lambda p, r: score(reward_model, p, r, tokenizer.pad_id, device),
+                                     prompts, responses, cfg.minibatch * 2)
             scores = scores - cfg.missing_eos_penalty * (~ended).float()
             # 2. KL-penalised per-token rewards, the score on each response's last token.
             kl = kl_per_token(old_logprobs, ref_logprobs) * mask

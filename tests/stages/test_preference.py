@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from stagewise import shared_prompt
+from stagewise import engine, shared_prompt
 from stagewise.model import ModelConfig, Transformer, weights_sha256
 from stagewise.model_dir import load_language_model, load_reward_model
 from stagewise.reward_model import RewardModel
@@ -170,3 +170,20 @@ def test_dpo_on_given_pairs_stays_offline_whatever_the_rounds(smoke_sft, smoke_c
     assert metrics(out)[-1]["steps"] == 2 and "rounds" not in metrics(out)[-1]
     _, _, lineage = load_language_model(out)
     assert lineage[-1]["data_sha256"] == common.data_sha256(pairs)
+
+
+def test_rollouts_scored_in_length_order_give_the_figures_of_one_batch():
+    torch.manual_seed(0)
+    lm = Transformer(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=16, intermediate_size=32,
+                                 max_seq_len=40)).eval()
+    gen = torch.Generator().manual_seed(1)
+    ids = lambda: torch.randint(1, 64, (int(torch.randint(1, 15, (1,), generator=gen)),), generator=gen).tolist()  # noqa: E731
+    prompts, responses = [ids() for _ in range(11)], [ids() for _ in range(11)]
+    with torch.no_grad():
+        want_lp, want_mask = engine.sequence_logprobs(lm, prompts, responses)
+        got_lp, got_mask = ppo.in_length_order(lambda p, r: engine.sequence_logprobs(lm, p, r), prompts, responses, 3)
+        want_len = torch.tensor([len(r) for r in responses], dtype=torch.float)
+        got_len = ppo.in_length_order(lambda p, r: torch.tensor([len(x) for x in r], dtype=torch.float),
+                                      prompts, responses, 4)
+    assert torch.equal(got_mask, want_mask) and torch.equal(got_len, want_len)
+    torch.testing.assert_close(got_lp, want_lp, atol=1e-5, rtol=0)
