@@ -105,22 +105,29 @@ def best_of_n(model: Transformer, tokenizer, reward_model: RewardModel, prompts:
     repeated_tasks = [t for t in tasks_of for _ in range(n)] if tasks_of else None
     candidates = generate_answers(model, tokenizer, [p for p in prompts for _ in range(n)], chat=chat,
                                   temperature=BEST_OF_TEMPERATURE, seed=seed, tasks_of=repeated_tasks, **kwargs)
-    scores = []
-    with torch.no_grad():
-        for start in range(0, len(candidates), 128):
-            chunk = candidates[start:start + 128]
-            sequences, starts = [], []
-            for text, _, _, _ in chunk:
-                prompt_ids, response_ids = common.chat_pair(tokenizer, prompts[(start + len(sequences)) // n], text)
-                sequences.append((prompt_ids + response_ids)[:reward_model.cfg.max_seq_len])
-                starts.append(len(prompt_ids))
-            lengths = torch.tensor([len(s) for s in sequences])
-            scores += reward_model(pad_right(sequences, tokenizer.pad_id), lengths, torch.tensor(starts)).tolist()
+    scores = reward_scores(reward_model, tokenizer, [p for p in prompts for _ in range(n)], [c[0] for c in candidates])
     best = []
     for i in range(len(prompts)):
         window = scores[i * n:(i + 1) * n]
         best.append(candidates[i * n + window.index(max(window))][0])
     return best
+
+
+@torch.no_grad()
+def reward_scores(reward_model: RewardModel, tokenizer, prompts: list[str], responses: list[str],
+                  batch_size: int = 128) -> list[float]:
+    """The reward model's score of each (prompt, response), the response rendered as the
+    assistant's turn after the prompt as a user turn, as the reward model was trained."""
+    scores: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        sequences, starts = [], []
+        for prompt, response in zip(prompts[start:start + batch_size], responses[start:start + batch_size]):
+            prompt_ids, response_ids = common.chat_pair(tokenizer, prompt, response)
+            sequences.append((prompt_ids + response_ids)[:reward_model.cfg.max_seq_len])
+            starts.append(len(prompt_ids))
+        lengths = torch.tensor([len(s) for s in sequences])
+        scores += reward_model(pad_right(sequences, tokenizer.pad_id), lengths, torch.tensor(starts)).tolist()
+    return scores
 
 
 def score_responses(records: list[dict], responses: list[str], judge=None) -> dict:

@@ -8,9 +8,11 @@ is taken for a base model.
 Inference-time methods stack on any model: `--system` (system prompt), `--few-shot FILE`
 (demonstrations, see stagewise/prompting.py for how each format shows them) and one constraint,
 `--json-schema FILE`, `--regex RE` or `--choice A,B,...` (stagewise/constrained.py); `--layout
-world` shows a base model the embedded world's own page for the prompt. Each run
-hashes the weights before and after; `--json` prints the answer with that check
-(`weights_unchanged`), the methods applied and whether a constrained answer is complete.
+world` shows a base model the embedded world's own page for the prompt. `--best-of N --reward
+DIR` samples N answers (at temperature 1 unless `--temperature` says otherwise) and prints the
+one the reward model scores highest. Each run hashes the weights (the reward model's too) before
+and after; `--json` prints the answer with that check (`weights_unchanged`), the methods applied
+and whether a constrained answer is complete.
 Without `--json` only the answer is printed, and a run that changed the weights (a bug) is an
 error.
 """
@@ -26,8 +28,9 @@ from pathlib import Path
 
 from stagewise import constrained, engine, methods, prompting
 from stagewise.errors import StagewiseError
+from stagewise.eval import reward_scores
 from stagewise.model import Transformer
-from stagewise.model_dir import load_model_dir
+from stagewise.model_dir import load_model_dir, load_reward_model
 from stagewise.tokenizer import Tokenizer
 
 
@@ -130,7 +133,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help="constrain the answer to this JSON schema (method constrained)")
     constraint.add_argument("--regex", default=None, metavar="RE", help="constrain the answer to match RE")
     constraint.add_argument("--choice", default=None, metavar="A,B,...", help="constrain the answer to one option")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--best-of", type=int, default=0, metavar="N",
+                        help="sample N answers and keep the one the reward model scores highest (method best_of_n)")
+    parser.add_argument("--reward", type=Path, default=None, metavar="DIR", help="reward model directory, for --best-of")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="0 is greedy (the default), 1 with --best-of")
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -142,22 +149,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def command(args: argparse.Namespace) -> int:
     # Everything the user gave is checked before the model is loaded, let alone run.
+    if args.best_of < 0 or (args.best_of and args.reward is None) or (args.reward is not None and not args.best_of):
+        raise StagewiseError("--best-of N and --reward DIR go together, with N at least 1")
+    temperature = args.temperature if args.temperature is not None else (1.0 if args.best_of else 0.0)
     constraint = constraint_from_args(args)
     demonstrations = prompting.load_demonstrations(args.few_shot) if args.few_shot is not None else []
     model, tokenizer, lineage = load_model_dir(args.model, require_lineage=False)
     model.eval()
+    reward_model = None
+    if args.best_of:
+        reward_model, reward_tokenizer, _ = load_reward_model(args.reward)
+        if reward_tokenizer.tk.to_str() != tokenizer.tk.to_str():
+            raise StagewiseError(f"{args.reward}: the reward model's tokenizer is not {args.model}'s")
     chat = prompting.is_chat(lineage) if args.format == "auto" else args.format == "chat"
     applied = [m for m, used in (("system_prompt", args.system), ("few_shot", demonstrations),
-                                 ("constrained", constraint)) if used]
+                                 ("constrained", constraint), ("best_of_n", args.best_of)) if used]
 
     def run() -> Answer:
-        (answer,) = answers(model, tokenizer, [args.prompt], chat=chat, max_new_tokens=args.max_new_tokens,
-                            system=args.system, demonstrations=demonstrations, constraint=constraint,
-                            layout=args.layout, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            seed=args.seed)
-        return answer
+        candidates = answers(model, tokenizer, [args.prompt] * max(args.best_of, 1), chat=chat,
+                             max_new_tokens=args.max_new_tokens, system=args.system, demonstrations=demonstrations,
+                             constraint=constraint, layout=args.layout, temperature=temperature, top_k=args.top_k,
+                             top_p=args.top_p, seed=args.seed)
+        if reward_model is None:
+            return candidates[0]
+        scores = reward_scores(reward_model, tokenizer, [args.prompt] * len(candidates), [a.text for a in candidates])
+        return candidates[scores.index(max(scores))]
 
-    answer, unchanged = methods.run_inference_method(model, run)
+    weights = [model] + ([reward_model] if reward_model is not None else [])
+    answer, unchanged = methods.run_inference_method(weights, run)
     if args.json:
         print(json.dumps({"text": answer.text, "format": "chat" if chat else "raw", "methods": applied,
                           "weights_unchanged": unchanged, "complete": answer.stopped,

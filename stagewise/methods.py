@@ -118,9 +118,11 @@ T = TypeVar("T")
 
 
 def run_inference_method(model, fn: Callable[[], T]) -> tuple[T, bool]:
-    """Run `fn()` (an inference-time method applied to `model`) and check that it left the
-    weights as they were: returns (its result, weights_unchanged), the hash of the weights
-    taken before and after (SPEC: checked, not just claimed)."""
-    before = weights_sha256(model)
+    """Run `fn()` (an inference-time method applied to `model`, or to a list of models such as a
+    policy and its reward model) and check that it left the weights as they were: returns (its
+    result, weights_unchanged), the hash of the weights taken before and after (SPEC: checked,
+    not just claimed)."""
+    models = model if isinstance(model, (list, tuple)) else [model]
+    before = [weights_sha256(m) for m in models]
     result = fn()
-    return result, weights_sha256(model) == before
+    return result, [weights_sha256(m) for m in models] == before

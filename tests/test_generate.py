@@ -129,3 +129,54 @@ def test_bad_input_exits_2_naming_the_file(model_dirs, capsys, tmp_path):
     assert code == 2 and f"{demos}, line 1" in err
     code, _, err = run(capsys, "--model", base, "--regex", "a", "--choice", "a,b", "x")
     assert code == 2 and "not allowed with" in err
+
+
+@pytest.fixture(scope="module")
+def reward_dirs(model_dirs, tmp_path_factory):
+    """Two reward models on the chat model's decoder with opposite heads: what one ranks first,
+    the other ranks last."""
+    from stagewise.model_dir import load_language_model
+    from stagewise.reward_model import RewardModel
+    _, chat = model_dirs
+    lm, tokenizer, lineage = load_language_model(chat)
+    root = tmp_path_factory.mktemp("reward")
+    dirs = []
+    for sign in (1.0, -1.0):
+        rm = RewardModel.from_language_model(lm, likelihood=True)
+        torch.manual_seed(1)
+        torch.nn.init.normal_(rm.score.weight, std=3.0)
+        rm.score.weight.data.mul_(sign)
+        rm.likelihood_weight.data.fill_(sign * 0.5)
+        dirs.append(save_model_dir(root / f"rm{sign:+.0f}", rm, tokenizer, lineage + [{"method": "reward_model"}],
+                                   config_extra=rm.config_extra(tokenizer.pad_id)))
+    return dirs
+
+
+def test_best_of_n_keeps_the_answer_the_reward_model_scores_highest(model_dirs, reward_dirs, capsys):
+    from stagewise.eval import reward_scores
+    from stagewise.model_dir import load_language_model, load_reward_model
+    _, chat = model_dirs
+    lm, tokenizer, _ = load_language_model(chat)
+    prompt = "What is 2 + 3?"
+    candidates = [a.text for a in generate.answers(lm.eval(), tokenizer, [prompt] * 6, chat=True, max_new_tokens=8,
+                                                   temperature=1.0, seed=5)]
+    assert len(set(candidates)) > 2  # a real choice to make
+    picked = []
+    for rm_dir in reward_dirs:
+        code, out, err = run(capsys, "--model", chat, "--best-of", "6", "--reward", rm_dir, "--seed", "5",
+                             "--max-new-tokens", "8", "--json", prompt)
+        assert code == 0, err
+        result = json.loads(out)
+        assert result["methods"] == ["best_of_n"] and result["weights_unchanged"] is True
+        scores = reward_scores(load_reward_model(rm_dir)[0], tokenizer, [prompt] * 6, candidates)
+        assert result["text"] == candidates[scores.index(max(scores))]
+        picked.append(result["text"])
+    assert picked[0] != picked[1]  # opposite reward models, opposite picks
+
+
+def test_best_of_n_needs_a_reward_model_directory(model_dirs, capsys):
+    _, chat = model_dirs
+    code, out, err = run(capsys, "--model", chat, "--best-of", "4", "x")
+    assert code == 2 and "--best-of N and --reward DIR go together" in err and out == ""
+    code, _, err = run(capsys, "--model", chat, "--best-of", "4", "--reward", chat, "x")
+    assert code == 2 and f"{chat}: is a language model; expected a reward model directory" in err
