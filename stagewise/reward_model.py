@@ -31,7 +31,8 @@ class RewardModel(nn.Module):
     def __init__(self, cfg: ModelConfig, likelihood: bool = False):
         super().__init__()
         if likelihood and not cfg.tie_embeddings:
-            raise StagewiseError("reward model: the likelihood term needs a language model with tied embeddings")
+            raise StagewiseError("reward model: the likelihood term reads the tied token embedding, and this "
+                                 "language model has an untied head (train it with likelihood=false)")
         self.cfg = cfg
         self.model = Decoder(cfg)
         self.score = nn.Linear(cfg.n_embd, 1, bias=False)

@@ -131,6 +131,9 @@ def train(cfg: RewardConfig, parent: Path, out: Path, data_files: list[Path] | N
     device = pick_device(cfg.device)
     lm, tokenizer, lineage = load_language_model(parent)
     pairs, heldout = load_pairs(cfg, data_files)
+    if cfg.likelihood and not lm.cfg.tie_embeddings:
+        raise StagewiseError(f"{parent}: its LM head is untied, and the reward model's likelihood term reads the "
+                             "tied token embedding (train it with likelihood=false)")
     mode = common.prepare_out(out, resume)
     if mode == "finished":
         log(f"reward: {out} is already finished; nothing to do")

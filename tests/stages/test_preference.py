@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from stagewise import engine, shared_prompt
+from stagewise.errors import StagewiseError
 from stagewise.model import ModelConfig, Transformer, weights_sha256
-from stagewise.model_dir import load_language_model, load_reward_model
+from stagewise.model_dir import load_language_model, load_reward_model, save_model_dir
 from stagewise.reward_model import RewardModel
 from stagewise.stages import common, dpo, ppo, reward
+from stagewise.tokenizer import train_tokenizer
 
 QUIET = dict(log=lambda *a: None)
 
@@ -187,3 +189,14 @@ def test_rollouts_scored_in_length_order_give_the_figures_of_one_batch():
                                       prompts, responses, 4)
     assert torch.equal(got_mask, want_mask) and torch.equal(got_len, want_len)
     torch.testing.assert_close(got_lp, want_lp, atol=1e-5, rtol=0)
+
+
+def test_likelihood_term_on_an_untied_model_is_refused_before_anything_is_written(smoke_config, tmp_path):
+    lm = Transformer(ModelConfig(vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=16, intermediate_size=32,
+                                 max_seq_len=64, tie_embeddings=False))
+    tokenizer = train_tokenizer(["the cat sat on a mat", "le chat est sur la table"] * 50, 300)
+    parent = save_model_dir(tmp_path / "untied", lm, tokenizer, [{"method": "pretrain"}, {"method": "sft"}])
+    config = smoke_config(reward.RewardConfig, "reward", "likelihood=true")
+    with pytest.raises(StagewiseError, match="untied.*likelihood=false"):
+        reward.train(config, parent, tmp_path / "reward", **QUIET)
+    assert not (tmp_path / "reward").exists()
