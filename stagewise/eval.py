@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 from stagewise import constrained, data, engine, evaluation, prompting
-from stagewise.batching import pad_right
 from stagewise.errors import StagewiseError
 from stagewise.model import Transformer, weights_sha256
 from stagewise.model_dir import load_language_model, load_reward_model
@@ -118,15 +117,13 @@ def reward_scores(reward_model: RewardModel, tokenizer, prompts: list[str], resp
                   batch_size: int = 128) -> list[float]:
     """The reward model's score of each (prompt, response), the response rendered as the
     assistant's turn after the prompt as a user turn, as the reward model was trained."""
+    pairs = [common.chat_pair(tokenizer, p, r) for p, r in zip(prompts, responses)]
+    cut = reward_model.cfg.max_seq_len  # a sequence longer than the context is cut at its end
+    pairs = [(p[:cut], r[:cut - len(p[:cut])]) for p, r in pairs]
     scores: list[float] = []
-    for start in range(0, len(prompts), batch_size):
-        sequences, starts = [], []
-        for prompt, response in zip(prompts[start:start + batch_size], responses[start:start + batch_size]):
-            prompt_ids, response_ids = common.chat_pair(tokenizer, prompt, response)
-            sequences.append((prompt_ids + response_ids)[:reward_model.cfg.max_seq_len])
-            starts.append(len(prompt_ids))
-        lengths = torch.tensor([len(s) for s in sequences])
-        scores += reward_model(pad_right(sequences, tokenizer.pad_id), lengths, torch.tensor(starts)).tolist()
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        scores += reward_model.score_responses([p for p, _ in chunk], [r for _, r in chunk], tokenizer.pad_id).tolist()
     return scores
 
 

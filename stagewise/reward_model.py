@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from stagewise.batching import pad_right
 from stagewise.errors import StagewiseError
 from stagewise.model import Decoder, ModelConfig, Transformer
 
@@ -30,9 +31,8 @@ ARCHITECTURE = "LlamaForSequenceClassification"
 class RewardModel(nn.Module):
     def __init__(self, cfg: ModelConfig, likelihood: bool = False):
         super().__init__()
-        if likelihood and not cfg.tie_embeddings:
-            raise StagewiseError("reward model: the likelihood term reads the tied token embedding, and this "
-                                 "language model has an untied head (train it with likelihood=false)")
+        if likelihood:
+            check_likelihood(cfg)
         self.cfg = cfg
         self.model = Decoder(cfg)
         self.score = nn.Linear(cfg.n_embd, 1, bias=False)
@@ -65,11 +65,20 @@ class RewardModel(nn.Module):
             return reward
         if starts is None:
             raise StagewiseError("reward model: its likelihood term needs where each response starts")
-        logprobs = -F.cross_entropy(self.lm_logits(hidden[:, :-1]).float().transpose(1, 2), idx[:, 1:],
-                                    reduction="none")  # (B, T-1): log p(token t+1 | up to t)
+        # The LM head runs only where a response token is predicted: position t-1 predicts token t.
         t = torch.arange(1, idx.shape[1], device=idx.device)[None, :]
-        in_response = (t >= starts[:, None]) & (t < lengths[:, None])
-        return reward + self.likelihood_weight * (logprobs * in_response).sum(-1)
+        in_response = (t >= starts[:, None]) & (t < lengths[:, None])  # (B, T-1)
+        logprobs = -F.cross_entropy(self.lm_logits(hidden[:, :-1][in_response]).float(), idx[:, 1:][in_response],
+                                    reduction="none")
+        row_of = rows[:, None].expand_as(in_response)[in_response]
+        return reward + self.likelihood_weight * torch.zeros_like(reward).index_add(0, row_of, logprobs)
+
+    def score_responses(self, prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> torch.Tensor:
+        """(B,) rewards of token-id responses to token-id prompts, in one right-padded batch."""
+        device = self.score.weight.device
+        sequences = [p + r for p, r in zip(prompts, responses)]
+        return self(pad_right(sequences, pad_id).to(device), torch.tensor([len(s) for s in sequences], device=device),
+                    torch.tensor([len(p) for p in prompts], device=device))
 
     def config_extra(self, pad_token_id: int) -> dict:
         """config.json keys that make transformers read this as a one-label sequence classifier."""
@@ -78,3 +87,10 @@ class RewardModel(nn.Module):
         if self.likelihood_weight is not None:
             extra["likelihood_reward"] = True
         return extra
+
+
+def check_likelihood(cfg: ModelConfig) -> None:
+    """The likelihood term reads the tied token embedding: refuse a model with an untied head."""
+    if not cfg.tie_embeddings:
+        raise StagewiseError("the reward model's likelihood term reads the tied token embedding, and this "
+                             "language model has an untied head (train it with likelihood=false)")

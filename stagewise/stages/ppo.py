@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from stagewise import data, engine, methods
 from stagewise.batching import IndexBatches, pad_right
@@ -112,31 +113,16 @@ def in_length_order(fn, prompts: list[list[int]], responses: list[list[int]], ch
     rollouts, the longest prompt and response is about twice as long as the mean."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
     R = max(len(r) for r in responses)
-    parts: list[tuple[torch.Tensor, ...]] = []
-    for start in range(0, len(order), chunk):
-        rows = order[start:start + chunk]
-        out = fn([prompts[i] for i in rows], [responses[i] for i in rows])
-        parts.append(out if isinstance(out, tuple) else (out,))
+    parts = [fn([prompts[i] for i in order[s:s + chunk]], [responses[i] for i in order[s:s + chunk]])
+             for s in range(0, len(order), chunk)]
+    single = not isinstance(parts[0], tuple)
     merged = []
-    for outs in zip(*parts):
-        full = outs[0].new_zeros((len(prompts), R) if outs[0].dim() == 2 else (len(prompts),))
-        start = 0
-        for o in outs:
-            rows = torch.tensor(order[start:start + len(o)], device=o.device)
-            if o.dim() == 2:
-                full[rows, :o.shape[1]] = o
-            else:
-                full[rows] = o
-            start += len(o)
-        merged.append(full)
-    return tuple(merged) if isinstance(out, tuple) else merged[0]
-
-
-def score(reward_model, prompts, responses, pad_id: int, device: torch.device) -> torch.Tensor:
-    sequences = [p + r for p, r in zip(prompts, responses)]
-    lengths = torch.tensor([len(s) for s in sequences], device=device)
-    starts = torch.tensor([len(p) for p in prompts], device=device)
-    return reward_model(pad_right(sequences, pad_id).to(device), lengths, starts)
+    for outs in zip(*([(p,) for p in parts] if single else parts)):
+        stacked = torch.cat([F.pad(o, (0, R - o.shape[1])) if o.dim() == 2 else o for o in outs])
+        back = torch.empty_like(stacked)
+        back[torch.tensor(order, device=stacked.device)] = stacked
+        merged.append(back)
+    return merged[0] if single else tuple(merged)
 
 
 def load_prompts(cfg: PPOConfig, data_files: list[Path] | None) -> list[str]:
@@ -222,16 +208,17 @@ def train(cfg: PPOConfig, parent: Path, reward_dir: Path, out: Path, data_files:
                                     temperature=cfg.temperature, stop_ids=stop, seed=cfg.seed * 1_000_003 + iteration)
         ended = torch.tensor([r[-1] in stop for r in responses], device=device)
         with torch.no_grad():
+            chunk = 2 * cfg.minibatch
             old_logprobs, mask = in_length_order(
-                lambda p, r: engine.sequence_logprobs(policy, p, r, temperature=cfg.temperature),
-                prompts, responses, cfg.minibatch * 2)
+                lambda p, r: engine.sequence_logprobs(policy, p, r, temperature=cfg.temperature), prompts, responses,
+                chunk)
             ref_logprobs, _ = in_length_order(
-                lambda p, r: engine.sequence_logprobs(reference, p, r, temperature=cfg.temperature),
-                prompts, responses, cfg.minibatch * 2)
+                lambda p, r: engine.sequence_logprobs(reference, p, r, temperature=cfg.temperature), prompts,
+                responses, chunk)
             old_values = in_length_order(lambda p, r: gather_values(critic, p, r, tokenizer.pad_id, device),
-                                         prompts, responses, cfg.minibatch * 2)
-            scores = in_length_order(lambda p, r: score(reward_model, p, r, tokenizer.pad_id, device),
-                                     prompts, responses, cfg.minibatch * 2)
+                                         prompts, responses, chunk)
+            scores = in_length_order(lambda p, r: reward_model.score_responses(p, r, tokenizer.pad_id),
+                                     prompts, responses, chunk)
             scores = scores - cfg.missing_eos_penalty * (~ended).float()
             # 2. KL-penalised per-token rewards, the score on each response's last token.
             kl = kl_per_token(old_logprobs, ref_logprobs) * mask

@@ -40,7 +40,7 @@ from stagewise.errors import StagewiseError
 from stagewise.losses import bradley_terry_loss
 from stagewise.model import Transformer, weights_sha256
 from stagewise.model_dir import load_language_model, save_model_dir
-from stagewise.reward_model import RewardModel
+from stagewise.reward_model import RewardModel, check_likelihood
 from stagewise.stages import common
 from stagewise.training import (MetricsLog, OptimConfig, Progress, lr_at, make_optimizer, pick_device,
                                 seed_everything, set_lr)
@@ -131,9 +131,11 @@ def train(cfg: RewardConfig, parent: Path, out: Path, data_files: list[Path] | N
     device = pick_device(cfg.device)
     lm, tokenizer, lineage = load_language_model(parent)
     pairs, heldout = load_pairs(cfg, data_files)
-    if cfg.likelihood and not lm.cfg.tie_embeddings:
-        raise StagewiseError(f"{parent}: its LM head is untied, and the reward model's likelihood term reads the "
-                             "tied token embedding (train it with likelihood=false)")
+    if cfg.likelihood:
+        try:
+            check_likelihood(lm.cfg)
+        except StagewiseError as e:
+            raise StagewiseError(f"{parent}: {e}") from None
     mode = common.prepare_out(out, resume)
     if mode == "finished":
         log(f"reward: {out} is already finished; nothing to do")
