@@ -65,6 +65,13 @@ def prepare_out(out: Path, resume: bool) -> str:
     return "fresh"
 
 
+def prepare_out_once(out: Path, resume: bool, dist) -> str:
+    """`prepare_out` under torchrun: rank 0 alone looks at the output directory and every rank
+    follows its decision, so that all of them resume, start fresh or stop together."""
+    mode = prepare_out(out, resume) if dist is None or dist.is_main else None
+    return dist.from_main(mode) if dist else mode
+
+
 def finish_out(out: Path, keep_train_state: bool) -> None:
     if not keep_train_state:
         shutil.rmtree(out / TRAIN_STATE, ignore_errors=True)

@@ -87,11 +87,7 @@ def train(cfg: PretrainConfig, out: Path, data_files: list[Path] | None = None, 
 
     # Data first: bad input is refused before anything is written.
     texts, heldout_texts, records = load_texts(cfg, data_files)
-    # Rank 0 alone looks at the output directory; every rank then follows its decision, so that
-    # all of them resume, start fresh or stop together.
-    mode = common.prepare_out(out, resume) if main else None
-    if dist:
-        mode = dist.from_main(mode)
+    mode = common.prepare_out_once(out, resume, dist)
     if mode == "finished":
         say(f"pretrain: {out} is already finished; nothing to do")
         distributed.teardown(dist)

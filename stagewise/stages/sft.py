@@ -113,11 +113,7 @@ def train(cfg: SFTConfig, parent: Path, out: Path, data_files: list[Path] | None
     heldout, examples = examples[:n_heldout], examples[n_heldout:]
     n_replay = int(len(examples) * cfg.replay_share / max(1e-9, 1 - cfg.replay_share)) if replay_texts else 0
     examples += replay_examples(tokenizer, replay_texts, n_replay, cfg.replay_tokens, cfg.seed) if n_replay else []
-    # Rank 0 alone looks at the output directory; every rank then follows its decision, so that
-    # all of them resume, start fresh or stop together.
-    mode = common.prepare_out(out, resume) if main else None
-    if dist:
-        mode = dist.from_main(mode)
+    mode = common.prepare_out_once(out, resume, dist)
     if mode == "finished":
         say(f"sft: {out} is already finished; nothing to do")
         distributed.teardown(dist)
