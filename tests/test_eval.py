@@ -99,3 +99,26 @@ def test_the_sft_model_of_a_lineage_is_the_parent_of_its_first_preference_stage(
     assert sft_parent(entries) == Path("sft")
     assert sft_parent(entries[:3]) == Path("sft")
     assert sft_parent(entries[:2]) is None and sft_parent(None) is None
+
+
+def test_sampled_answers_are_drawn_several_times_per_prompt_and_compared_draw_by_draw(smoke_sft, smoke_config):
+    from stagewise.errors import StagewiseError
+    from stagewise.eval import SAMPLES_PER_PROMPT, evaluate_model, win_rate
+    from stagewise.model_dir import load_language_model
+    from stagewise.stages import common, sft
+
+    model, tokenizer, lineage = load_language_model(smoke_sft)
+    world = smoke_config(sft.SFTConfig, "sft").world
+    subset = common.world_data(world)["eval"][::10]
+    metrics = evaluate_model(model, tokenizer, lineage, world=world, eval_records=subset, sample=True)
+    scores = metrics["gold_scores_sampled"]
+    assert SAMPLES_PER_PROMPT > 1 and len(scores) == SAMPLES_PER_PROMPT * len(subset)
+    assert metrics["gold_reward_sampled"] == pytest.approx(sum(scores) / len(scores))
+    # The same draws compared with themselves tie everywhere; a model better on one draw of one
+    # prompt wins that draw only.
+    assert win_rate(scores, scores) == 0.5
+    better = scores[:]
+    better[0] += 1.0
+    assert win_rate(better, scores) == pytest.approx(0.5 + 0.5 / len(scores))
+    with pytest.raises(StagewiseError, match="baseline"):
+        win_rate(scores, scores[:len(subset)])
