@@ -190,8 +190,8 @@ def evaluate_model(model: Transformer, tokenizer, lineage: list[dict] | None, *,
                    sft: Transformer | None = None, sft_sampled_scores: list[float] | None = None) -> dict:
     """Every metric that applies to this model and these inference-time methods, plus the
     responses to the seed prompt. Greedy answers give the instruction metrics and
-    `gold_reward`. With `sample`, every prompt is also answered once by sampling at temperature
-    1, `SAMPLES_PER_PROMPT` times (the policy as PPO trains it; fixed seed): `gold_reward_sampled`,
+    `gold_reward`. With `sample`, every prompt is also answered by sampling at temperature 1,
+    `SAMPLES_PER_PROMPT` times (the policy as PPO trains it; fixed seed): `gold_reward_sampled`,
     and against the SFT model's sampled scores `win_rate_vs_sft`, and with the SFT model
     `kl_to_sft` on those samples. `gold_scores_sampled` (prompt by prompt, each prompt's draws in
     a row) is returned for comparisons elsewhere."""
