@@ -85,9 +85,11 @@ def main() -> None:
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[tokenizer.pad_id] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        # No end-of-sequence token: transformers neither stops at one nor, as min_new_tokens would,
+        # masks it out, so a trained model that ends a document goes on past it as ours does.
         with torch.inference_mode():
-            out = peer.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
-                                min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_id)
+            out = peer.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=None,
+                                do_sample=False, pad_token_id=tokenizer.pad_id)
         return out[:, width:].tolist()
 
     results = {}
