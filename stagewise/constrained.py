@@ -24,8 +24,10 @@ constrained model is steered towards the text it was trained on. A schema may ov
 through llguidance's `x-guidance` key.
 
 Cost per step: each running row's matcher fills its row of a preallocated bitmask through
-llguidance's pointer API (in Rust, GIL released), numpy unpacks the bitmask into one boolean
-row per running prompt, and one `masked_fill_` applies it: no Python loop over the vocabulary.
+llguidance's pointer API (in Rust, GIL released), one table lookup of the bitmask's bytes turns
+it into one boolean row per running prompt, and one `masked_fill_` applies it: no Python loop
+over the vocabulary, and few operations per step (inside the decoding loop, where the model's
+work has just left the caches cold, each costs several times what it costs on its own).
 Rows are served one after another on the calling thread. With vocabularies of a few thousand
 ids a mask takes microseconds, and llguidance's thread pool (`LLExecutor`) would only compete
 with the model's matmul threads for the same cores (measured here: no faster at batch 16).
@@ -161,6 +163,10 @@ def matcher(tokenizer: Tokenizer, constraint: Constraint, *, vocab_size: int, eo
 
 # ----------------------------------------------------------------------------- the logits processor
 
+# Byte value -> which of its 8 tokens are forbidden: bit t % 32 of little-endian word t // 32 is
+# token t, so as bytes the bits are in little order. One lookup turns a bitmask into a mask.
+_FORBIDDEN = torch.from_numpy(np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little") == 0)
+
 class ConstrainedDecoding:
     """The engine's logits_processor for one `engine.generate` call: one matcher per prompt.
 
@@ -186,6 +192,7 @@ class ConstrainedDecoding:
         self.bitmask = np.zeros((max(1, self.n_constrained), words), dtype=np.int32)  # (R, V/32)
         self._row_bytes = 4 * words
         self._address = self.bitmask.ctypes.data  # looked up once: `.ctypes` costs a microsecond a call
+        self.bitmask_bytes = torch.from_numpy(self.bitmask.view(np.uint8))  # (R, V/8), the same memory
 
     def __call__(self, step: int, logits: torch.Tensor, rows: list[int], generated: list[list[int]]) -> torch.Tensor:
         pairs = [(j, self.matchers[r]) for j, r in enumerate(rows) if self.matchers[r] is not None]
@@ -200,15 +207,13 @@ class ConstrainedDecoding:
         n = len(pairs)
         for i, (_, m) in enumerate(pairs):
             m.unsafe_compute_mask_ptr(self._address + self._row_bytes * i, self._row_bytes)  # row i of the bitmask
-        bitmask = self.bitmask[:n]
-        dead = ~bitmask.any(axis=1)  # llguidance never sets bits past vocab_size
-        if dead.any():
-            r = rows[pairs[int(dead.nonzero()[0][0])][0]]
+        alive = self.bitmask[:n].any(axis=1)  # llguidance never sets bits past vocab_size
+        if not alive.all():
+            r = rows[pairs[int((~alive).nonzero()[0][0])][0]]
             raise StagewiseError(f"constrained: prompt {r}: the grammar allows no next token "
                                  f"({self.matchers[r].get_error().strip() or 'no continuation'})")
-        # Bit t % 32 of little-endian word t // 32 is token t: as bytes, little bit order.
-        allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, count=self.vocab_size, bitorder="little")
-        forbidden = torch.from_numpy(allowed == 0).to(logits.device)  # (n, V)
+        # One lookup of the bitmask's bytes gives each token's bit: (n, V) True where forbidden.
+        forbidden = _FORBIDDEN[self.bitmask_bytes[:n].long()].view(n, -1)[:, :self.vocab_size].to(logits.device)
         if n == len(rows):
             return logits.masked_fill_(forbidden, float("-inf"))
         index = torch.tensor([j for j, _ in pairs], device=logits.device)
