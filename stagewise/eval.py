@@ -38,7 +38,11 @@ from stagewise.world import annotator, tasks
 from stagewise.world.build import SEED_PROMPT, DataConfig, make_world
 
 MAX_NEW_TOKENS = 64
-BEST_OF_TEMPERATURE = 1.0
+# Best-of-8 on one SFT model and reward model (default preset), gold_reward of the picks by sampling
+# temperature: 1.0 0.912, 0.85 0.923, 0.7 0.926, 0.5 0.927; the greedy answers 0.9235. Below 1 the
+# samples are right more often (mean 0.845 at 0.7 against 0.707 at 1.0) and the reward model,
+# whose ranking of right answers leans on their likelihood, has fewer wrong ones to pass over.
+BEST_OF_TEMPERATURE = 0.7
 SAMPLES_PER_PROMPT = 4
 
 

@@ -9,7 +9,7 @@ Inference-time methods stack on any model: `--system` (system prompt), `--few-sh
 (demonstrations, see stagewise/prompting.py for how each format shows them) and one constraint,
 `--json-schema FILE`, `--regex RE` or `--choice A,B,...` (stagewise/constrained.py); `--layout
 world` shows a base model the embedded world's own page for the prompt. `--best-of N --reward
-DIR` samples N answers (at temperature 1 unless `--temperature` says otherwise) and prints the
+DIR` samples N answers (at temperature 0.7 unless `--temperature` says otherwise) and prints the
 one the reward model scores highest. Each run hashes the weights (the reward model's too) before
 and after; `--json` prints the answer with that check (`weights_unchanged`), the methods applied
 and whether a constrained answer is complete.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from stagewise import constrained, engine, methods, prompting
 from stagewise.errors import StagewiseError
-from stagewise.eval import reward_scores
+from stagewise.eval import BEST_OF_TEMPERATURE, reward_scores
 from stagewise.model import Transformer
 from stagewise.model_dir import load_model_dir, load_reward_model
 from stagewise.tokenizer import Tokenizer
@@ -137,7 +137,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sample N answers and keep the one the reward model scores highest (method best_of_n)")
     parser.add_argument("--reward", type=Path, default=None, metavar="DIR", help="reward model directory, for --best-of")
     parser.add_argument("--temperature", type=float, default=None,
-                        help="0 is greedy (the default), 1 with --best-of")
+                        help=f"0 is greedy (the default), {BEST_OF_TEMPERATURE} with --best-of")
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -151,7 +151,7 @@ def command(args: argparse.Namespace) -> int:
     # Everything the user gave is checked before the model is loaded, let alone run.
     if args.best_of < 0 or (args.best_of and args.reward is None) or (args.reward is not None and not args.best_of):
         raise StagewiseError("--best-of N and --reward DIR go together, with N at least 1")
-    temperature = args.temperature if args.temperature is not None else (1.0 if args.best_of else 0.0)
+    temperature = args.temperature if args.temperature is not None else (BEST_OF_TEMPERATURE if args.best_of else 0.0)
     constraint = constraint_from_args(args)
     demonstrations = prompting.load_demonstrations(args.few_shot) if args.few_shot is not None else []
     model, tokenizer, lineage = load_model_dir(args.model, require_lineage=False)
