@@ -186,9 +186,17 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
         # No mask and T > 1 means plain training-style causal attention from position 0.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
-            enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hd)
+        if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # bf16 autocast on a CPU: the matmuls gain (AMX), but the bf16 attention kernel's
+            # backward takes three times the fp32 one's, so attention runs in fp32.
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(
+                    q.float(), k.float(), v.float(), attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+                    enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hd)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+                enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
 

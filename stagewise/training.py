@@ -90,7 +90,11 @@ def pick_device(name: str) -> torch.device:
 
 
 def autocast_dtype(device: torch.device, name: str) -> torch.dtype | None:
-    """bf16 on GPUs, fp32 on CPUs (bf16 matmuls are slow on CPUs without AVX-512)."""
+    """bf16 on GPUs, fp32 on CPUs (bf16 matmuls are slow on CPUs without AMX). On a CPU with AMX
+    (a recent Xeon), `dtype=bfloat16` runs a compiled pre-training step of the default preset's
+    model about 1.35 times as fast (0.191 s against 0.258 s, best of 15), attention kept in fp32
+    (`Attention.forward`); "auto" still picks fp32 there, the precision the default pipeline's
+    figures were measured in."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"float32": None, "bfloat16": torch.bfloat16}[name]

@@ -202,3 +202,24 @@ def test_compiled_model_matches_eager():
     torch.testing.assert_close(c_logits, logits, atol=1e-5, rtol=1e-5)
     c_loss.backward()
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+def test_cpu_bf16_autocast_runs_attention_in_fp32(monkeypatch):
+    import stagewise.model as model_module
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, **kwargs):
+        seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", recording_sdpa)
+    model = tiny_model().train()
+    idx = torch.randint(0, 300, (2, 16))
+    _, loss = model(idx, idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, bf16_loss = model(idx, idx)
+    assert logits.dtype == torch.bfloat16  # the matmuls around attention do run in bf16
+    assert seen[-1] == (torch.float32, False) and len(seen) == 2 * TINY["n_layer"]
+    bf16_loss.backward()
+    assert abs(bf16_loss.item() - loss.item()) < 0.05
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
