@@ -192,7 +192,7 @@ class ConstrainedDecoding:
         self.bitmask = np.zeros((max(1, self.n_constrained), words), dtype=np.int32)  # (R, V/32)
         self._row_bytes = 4 * words
         self._address = self.bitmask.ctypes.data  # looked up once: `.ctypes` costs a microsecond a call
-        self.bitmask_bytes = torch.from_numpy(self.bitmask.view(np.uint8))  # (R, V/8), the same memory
+        self._bitmask_bytes = torch.from_numpy(self.bitmask.view(np.uint8))  # (R, V/8), the same memory
 
     def __call__(self, step: int, logits: torch.Tensor, rows: list[int], generated: list[list[int]]) -> torch.Tensor:
         pairs = [(j, self.matchers[r]) for j, r in enumerate(rows) if self.matchers[r] is not None]
@@ -213,7 +213,7 @@ class ConstrainedDecoding:
             raise StagewiseError(f"constrained: prompt {r}: the grammar allows no next token "
                                  f"({self.matchers[r].get_error().strip() or 'no continuation'})")
         # One lookup of the bitmask's bytes gives each token's bit: (n, V) True where forbidden.
-        forbidden = _FORBIDDEN[self.bitmask_bytes[:n].long()].view(n, -1)[:, :self.vocab_size].to(logits.device)
+        forbidden = _FORBIDDEN[self._bitmask_bytes[:n].long()].view(n, -1)[:, :self.vocab_size].to(logits.device)
         if n == len(rows):
             return logits.masked_fill_(forbidden, float("-inf"))
         index = torch.tensor([j for j, _ in pairs], device=logits.device)

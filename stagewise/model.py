@@ -6,6 +6,7 @@ saved model loads in transformers with the same logits and a transformers Llama 
 loads here. Everything a later stage needs from the architecture lives in this one file.
 """
 
+import contextlib
 import hashlib
 import math
 from dataclasses import dataclass
@@ -186,14 +187,12 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
         # No mask and T > 1 means plain training-style causal attention from position 0.
-        if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # bf16 autocast on a CPU: the matmuls gain (AMX), but the bf16 attention kernel's
-            # backward takes three times the fp32 one's, so attention runs in fp32.
-            with torch.autocast("cpu", enabled=False):
-                y = F.scaled_dot_product_attention(
-                    q.float(), k.float(), v.float(), attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
-                    enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hd)
-        else:
+        # bf16 autocast on a CPU: the matmuls gain (AMX), but the bf16 attention kernel's backward
+        # takes three times the fp32 one's, so attention runs in fp32 with autocast off.
+        fp32 = q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        if fp32:
+            q, k, v = q.float(), k.float(), v.float()
+        with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
                 enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hd)
