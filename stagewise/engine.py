@@ -162,18 +162,17 @@ def sequence_logprobs(model: Transformer, prompts: list[list[int]], responses: l
     # Right padding: real tokens start at position 0 and pads come after them, so the plain
     # causal mask is already right and no attention mask is needed.
     idx = torch.tensor([s + [0] * (T - len(s)) for s in seqs], dtype=torch.long, device=device)  # (B, T)
-    targets = torch.full((B, T), -100, dtype=torch.long, device=device)
-    for b, (p, r) in enumerate(zip(prompts, responses)):
-        # logits at position t predict token t+1
-        targets[b, len(p) - 1:len(p) - 1 + len(r)] = torch.tensor(r, dtype=torch.long)
-    logits = model(idx)  # (B, T, V)
+    targets = torch.tensor([r + [-100] * (R - len(r)) for r in responses], dtype=torch.long, device=device)  # (B, R)
+    mask = targets != -100
+    # The LM head runs only where a response token is predicted: position t predicts token t+1,
+    # so row b's response is predicted from columns len(prompt) - 1 onwards.
+    hidden = base.model(idx)  # (B, T, C)
+    start = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    cols = (start[:, None] + torch.arange(R, device=device)[None, :]).clamp(max=T - 1)  # (B, R)
+    logits = base.lm_head(hidden.gather(1, cols[..., None].expand(B, R, hidden.size(-1))))  # (B, R, V)
     if temperature != 1.0:
         logits = logits / temperature
     nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                          reduction="none").view(B, T)  # 0 where ignored
-    # Gather the response slice of each row into (B, R), aligned at its first response token.
-    start = torch.tensor([len(p) - 1 for p in prompts], device=device)
-    cols = (start[:, None] + torch.arange(R, device=device)[None, :]).clamp(max=T - 1)  # (B, R)
-    mask = torch.arange(R, device=device)[None, :] < torch.tensor([len(r) for r in responses], device=device)[:, None]
-    logprobs = -nll.gather(1, cols) * mask
+                          reduction="none").view(B, R)  # 0 where ignored
+    logprobs = -nll
     return logprobs, mask
