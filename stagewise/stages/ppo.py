@@ -48,11 +48,13 @@ class PPOConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=0, schedule="constant",
                                                                    weight_decay=0.0))
     value_lr: float = 1e-4
+    critic_freeze_layers: int = 0  # the critic's token embedding and lowest blocks stay the reward model's
     world: DataConfig = field(default_factory=DataConfig)
     iterations: int = 60
     rollout_batch: int = 64  # prompts per iteration
     minibatch: int = 16
     ppo_epochs: int = 4
+    group_by_length: bool = True  # minibatches of rollouts of similar length: less padding, same rollouts
     max_new_tokens: int = 48
     temperature: float = 1.0
     kl_coef: float = 0.05
@@ -167,6 +169,9 @@ def train(cfg: PPOConfig, parent: Path, reward_dir: Path, out: Path, data_files:
         raise StagewiseError(f"ppo: {len(prompts_text)} prompts, fewer than one rollout batch of {cfg.rollout_batch}")
     if cfg.rollout_batch % cfg.minibatch:
         raise StagewiseError(f"ppo: rollout_batch {cfg.rollout_batch} must be a multiple of minibatch {cfg.minibatch}")
+    if not 0 <= cfg.critic_freeze_layers <= reward_model.cfg.n_layer:
+        raise StagewiseError(f"ppo: critic_freeze_layers {cfg.critic_freeze_layers} is outside "
+                             f"0..{reward_model.cfg.n_layer}, the number of blocks of {reward_dir}")
     mode = common.prepare_out(out, resume)
     if mode == "finished":
         log(f"ppo: {out} is already finished; nothing to do")
@@ -176,9 +181,11 @@ def train(cfg: PPOConfig, parent: Path, reward_dir: Path, out: Path, data_files:
     policy = policy.to(device)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     critic = copy.deepcopy(reward_model).to(device)
+    critic.freeze_bottom(cfg.critic_freeze_layers)
     reward_model = reward_model.to(device).eval().requires_grad_(False)
     optimizer = make_optimizer(policy, cfg.optim)
-    value_optimizer = torch.optim.AdamW(critic.parameters(), lr=cfg.value_lr, weight_decay=0.0)
+    value_optimizer = torch.optim.AdamW([p for p in critic.parameters() if p.requires_grad], lr=cfg.value_lr,
+                                        weight_decay=0.0)
     batches = IndexBatches(len(prompts_text), cfg.rollout_batch, cfg.seed)
     prompt_ids = [tokenizer.render_chat([{"role": "user", "content": p}], add_generation_prompt=True)[0]
                   for p in prompts_text]
@@ -232,10 +239,12 @@ def train(cfg: PPOConfig, parent: Path, reward_dir: Path, out: Path, data_files:
         # 3. PPO epochs over minibatches.
         policy.train()
         stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approxkl", "vf_clipfrac")}
+        lengths = [len(p) + len(r) for p, r in zip(prompts, responses)] if cfg.group_by_length else None
+        minibatches = IndexBatches(len(responses), cfg.minibatch, cfg.seed * 1_000_003 + iteration, lengths,
+                                   megabatch=len(responses))
         for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(len(responses)).tolist()
-            for start in range(0, len(order), cfg.minibatch):
-                mb = order[start:start + cfg.minibatch]
+            for _ in range(len(minibatches)):
+                mb = minibatches.next()
                 mb_prompts, mb_responses = [prompts[i] for i in mb], [responses[i] for i in mb]
                 R = max(len(r) for r in mb_responses)
                 logprobs, mb_mask = engine.sequence_logprobs(policy, mb_prompts, mb_responses,
