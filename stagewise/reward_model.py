@@ -47,6 +47,14 @@ class RewardModel(nn.Module):
         nn.init.zeros_(rm.score.weight)
         return rm
 
+    def freeze_bottom(self, n_layers: int) -> None:
+        """Keep the token embedding and the lowest `n_layers` blocks as they are (none when 0):
+        backward then stops above them, and costs a fraction of a full one."""
+        if n_layers:
+            self.model.embed_tokens.requires_grad_(False)
+        for block in self.model.layers[:n_layers]:
+            block.requires_grad_(False)
+
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., C) -> (..., V) through the tied token embedding."""
         return F.linear(hidden, self.model.embed_tokens.weight)

@@ -60,6 +60,7 @@ class RewardConfig:
     center_coef: float = 0.01  # reward centring: coef * (r_chosen + r_rejected)^2
     lm_coef: float = 0.0  # GRM: weight of the chosen responses' language-modelling loss
     likelihood: bool = False  # add the responses' learnt-weighted log-likelihood to the reward (`reward_model`)
+    freeze_layers: int = 0  # the token embedding and this many of the lowest blocks stay the SFT model's
     heldout_share: float = 0.05  # of user pairs, held out for pairwise_accuracy
     eval_every: int = 100
     checkpoint_every: int = 100
@@ -136,6 +137,9 @@ def train(cfg: RewardConfig, parent: Path, out: Path, data_files: list[Path] | N
             check_likelihood(lm.cfg)
         except StagewiseError as e:
             raise StagewiseError(f"{parent}: {e}") from None
+    if not 0 <= cfg.freeze_layers <= lm.cfg.n_layer:
+        raise StagewiseError(f"reward: freeze_layers {cfg.freeze_layers} is outside 0..{lm.cfg.n_layer}, the "
+                             f"number of blocks of {parent}")
     mode = common.prepare_out(out, resume)
     if mode == "finished":
         log(f"reward: {out} is already finished; nothing to do")
@@ -143,6 +147,7 @@ def train(cfg: RewardConfig, parent: Path, out: Path, data_files: list[Path] | N
 
     seed_everything(cfg.seed)
     model = RewardModel.from_language_model(lm, cfg.likelihood).to(device)
+    model.freeze_bottom(cfg.freeze_layers)
     lm_head = language_model_head(model, lm, device)
     del lm
     train_pairs = common.preference_triples(tokenizer, pairs, model.cfg.max_seq_len)

@@ -24,8 +24,10 @@ def metrics(path):
 
 @pytest.fixture(scope="module")
 def smoke_reward(smoke_sft, smoke_config, tmp_path_factory):
-    # 96 of the smoke world's pairs, seen 15 times over: enough for the fit to show in the loss.
-    config = smoke_config(reward.RewardConfig, "reward", "optim.lr=3e-3", "max_steps=90", "log_every=5")
+    # 96 of the smoke world's pairs, seen 15 times over, every block training: enough for the fit
+    # to show in the loss.
+    config = smoke_config(reward.RewardConfig, "reward", "optim.lr=3e-3", "max_steps=90", "log_every=5",
+                          "freeze_layers=0")
     tmp = tmp_path_factory.mktemp("models")
     pairs = common.world_data(config.world)["preferences"][:96]
     (tmp / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
@@ -61,6 +63,26 @@ def test_grm_term_keeps_the_reward_model_a_language_model(smoke_sft, smoke_confi
     with torch.no_grad():
         before = reward.chosen_nll(lm.lm_head, shared_prompt.hidden_states(lm.model, packed), packed).item()
     assert nll[1.0] < before < nll[0.0], (nll, before)
+
+
+def test_frozen_blocks_stay_the_sft_models_and_the_rest_trains(smoke_sft, smoke_config, tmp_path):
+    config = smoke_config(reward.RewardConfig, "reward", "optim.lr=3e-3", "max_steps=10", "freeze_layers=1")
+    out = reward.train(config, smoke_sft, tmp_path / "reward", **QUIET)
+    sft = load_language_model(smoke_sft)[0].model.state_dict()
+    trained = load_reward_model(out)[0].model.state_dict()
+    frozen = [name for name in sft if name.startswith(("embed_tokens.", "layers.0."))]
+    assert frozen and all(torch.equal(trained[name], sft[name]) for name in frozen)
+    assert all(not torch.equal(trained[name], sft[name]) for name in sft if name.startswith("layers.1."))
+
+
+def test_freezing_more_blocks_than_the_model_has_is_refused_before_anything_is_written(smoke_sft, smoke_reward,
+                                                                                       smoke_config, tmp_path):
+    with pytest.raises(StagewiseError, match="freeze_layers 3 is outside 0..2"):
+        reward.train(smoke_config(reward.RewardConfig, "reward", "freeze_layers=3"), smoke_sft, tmp_path / "r", **QUIET)
+    with pytest.raises(StagewiseError, match="critic_freeze_layers 3 is outside 0..2"):
+        ppo.train(smoke_config(ppo.PPOConfig, "ppo", "critic_freeze_layers=3"), smoke_sft, smoke_reward,
+                  tmp_path / "p", **QUIET)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "p").exists()
 
 
 @pytest.mark.parametrize("tie", [True, False])
