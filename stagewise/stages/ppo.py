@@ -6,8 +6,10 @@ rewards: minus kl_coef times the policy-to-reference log-ratio at every token, p
 at the last token (InstructGPT's KL-penalised reward; the reference is the frozen SFT model).
 A response that never ends has `missing_eos_penalty` taken off its score. Advantages come from
 GAE (gamma 1, lambda 0.95) over a critic initialised from the reward model, are whitened, and
-feed the clipped policy and value losses for several epochs over minibatches. The KL
-coefficient is fixed, or adaptive (Ziegler et al., 2019) towards `target_kl`.
+feed the clipped policy and value losses for several epochs over minibatches (of rollouts of
+similar length, in a shuffled order, with `group_by_length`; the critic's lowest blocks can stay
+the reward model's, `critic_freeze_layers`). The KL coefficient is fixed, or adaptive (Ziegler
+et al., 2019) towards `target_kl`.
 
 The logged names follow TRL and OpenRLHF: objective/kl, objective/scores,
 objective/rlhf_reward, objective/entropy, policy/clipfrac, policy/approxkl, val/vf_loss,

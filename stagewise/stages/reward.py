@@ -16,6 +16,10 @@ With `likelihood`, the reward adds a learnt weight times the response's log-like
 that tied head (`reward_model`), and Bradley-Terry trains both parts. The language model
 predicts a sum or a person's city better than a head read at one token can check them.
 
+With `freeze_layers`, the token embedding and the lowest blocks stay the SFT model's: the
+backward pass runs through the top blocks only, and the decoder that the likelihood term reads
+keeps more of what the SFT model knew.
+
 `pairwise_accuracy` is measured on held-out pairs: with the embedded world, pairs ordered by the
 annotator's noiseless score, so the figure says how well the learnt proxy reproduces the
 annotator itself rather than its noisy labels.
