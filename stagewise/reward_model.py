@@ -102,3 +102,9 @@ def check_likelihood(cfg: ModelConfig) -> None:
     if not cfg.tie_embeddings:
         raise StagewiseError("the reward model's likelihood term reads the tied token embedding, and this "
                              "language model has an untied head (train it with likelihood=false)")
+
+
+def check_frozen_blocks(key: str, n_layers: int, cfg: ModelConfig) -> None:
+    """`freeze_bottom` takes from none to all of the model's blocks."""
+    if not 0 <= n_layers <= cfg.n_layer:
+        raise StagewiseError(f"{key} {n_layers} is outside 0..{cfg.n_layer}, the number of blocks of the model")

@@ -38,6 +38,7 @@ from stagewise.errors import StagewiseError
 from stagewise.losses import gae, kl_per_token, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
 from stagewise.model import weights_sha256
 from stagewise.model_dir import load_language_model, load_reward_model, save_model_dir
+from stagewise.reward_model import check_frozen_blocks
 from stagewise.stages import common
 from stagewise.training import MetricsLog, OptimConfig, Progress, make_optimizer, pick_device, seed_everything
 from stagewise.world import annotator
@@ -171,9 +172,10 @@ def train(cfg: PPOConfig, parent: Path, reward_dir: Path, out: Path, data_files:
         raise StagewiseError(f"ppo: {len(prompts_text)} prompts, fewer than one rollout batch of {cfg.rollout_batch}")
     if cfg.rollout_batch % cfg.minibatch:
         raise StagewiseError(f"ppo: rollout_batch {cfg.rollout_batch} must be a multiple of minibatch {cfg.minibatch}")
-    if not 0 <= cfg.critic_freeze_layers <= reward_model.cfg.n_layer:
-        raise StagewiseError(f"ppo: critic_freeze_layers {cfg.critic_freeze_layers} is outside "
-                             f"0..{reward_model.cfg.n_layer}, the number of blocks of {reward_dir}")
+    try:
+        check_frozen_blocks("critic_freeze_layers", cfg.critic_freeze_layers, reward_model.cfg)
+    except StagewiseError as e:
+        raise StagewiseError(f"{reward_dir}: {e}") from None
     mode = common.prepare_out(out, resume)
     if mode == "finished":
         log(f"ppo: {out} is already finished; nothing to do")

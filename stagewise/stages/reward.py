@@ -44,7 +44,7 @@ from stagewise.errors import StagewiseError
 from stagewise.losses import bradley_terry_loss
 from stagewise.model import Transformer, weights_sha256
 from stagewise.model_dir import load_language_model, save_model_dir
-from stagewise.reward_model import RewardModel, check_likelihood
+from stagewise.reward_model import RewardModel, check_frozen_blocks, check_likelihood
 from stagewise.stages import common
 from stagewise.training import (MetricsLog, OptimConfig, Progress, lr_at, make_optimizer, pick_device,
                                 seed_everything, set_lr)
@@ -141,9 +141,10 @@ def train(cfg: RewardConfig, parent: Path, out: Path, data_files: list[Path] | N
             check_likelihood(lm.cfg)
         except StagewiseError as e:
             raise StagewiseError(f"{parent}: {e}") from None
-    if not 0 <= cfg.freeze_layers <= lm.cfg.n_layer:
-        raise StagewiseError(f"reward: freeze_layers {cfg.freeze_layers} is outside 0..{lm.cfg.n_layer}, the "
-                             f"number of blocks of {parent}")
+    try:
+        check_frozen_blocks("freeze_layers", cfg.freeze_layers, lm.cfg)
+    except StagewiseError as e:
+        raise StagewiseError(f"{parent}: {e}") from None
     mode = common.prepare_out(out, resume)
     if mode == "finished":
         log(f"reward: {out} is already finished; nothing to do")
