@@ -71,6 +71,13 @@ class RewardModel(nn.Module):
         reward = self.score(hidden[rows, lengths - 1]).squeeze(-1)  # (B,)
         if self.likelihood_weight is None:
             return reward
+        in_response, logprobs = self._response_logprobs(hidden, idx, lengths, starts)
+        row_of = rows[:, None].expand_as(in_response)[in_response]
+        return reward + self.likelihood_weight * torch.zeros_like(reward).index_add(0, row_of, logprobs)
+
+    def _response_logprobs(self, hidden: torch.Tensor, idx: torch.Tensor, lengths: torch.Tensor,
+                           starts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T-1) which positions predict a response token, and (N,) those tokens' log-probs."""
         if starts is None:
             raise StagewiseError("reward model: its likelihood term needs where each response starts")
         # The LM head runs only where a response token is predicted: position t-1 predicts token t.
@@ -78,8 +85,33 @@ class RewardModel(nn.Module):
         in_response = (t >= starts[:, None]) & (t < lengths[:, None])  # (B, T-1)
         logprobs = -F.cross_entropy(self.lm_logits(hidden[:, :-1][in_response]).float(), idx[:, 1:][in_response],
                                     reduction="none")
-        row_of = rows[:, None].expand_as(in_response)[in_response]
-        return reward + self.likelihood_weight * torch.zeros_like(reward).index_add(0, row_of, logprobs)
+        return in_response, logprobs
+
+    def reward_per_token(self, prompts: list[list[int]], responses: list[list[int]],
+                         pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reward of token-id responses in two parts, whose sum over a row is `score_responses`:
+        (B,) the head's score at the last token, and (B, R) the likelihood term of each response
+        token (likelihood_weight times its log-probability; zeros without the term, and after a
+        response's end), R the longest response."""
+        device = self.score.weight.device
+        sequences = [p + r for p, r in zip(prompts, responses)]
+        idx = pad_right(sequences, pad_id).to(device)
+        lengths = torch.tensor([len(s) for s in sequences], device=device)
+        starts = torch.tensor([len(p) for p in prompts], device=device)
+        hidden = self.model(idx)
+        rows = torch.arange(idx.shape[0], device=device)
+        head = self.score(hidden[rows, lengths - 1]).squeeze(-1)
+        R = max(len(r) for r in responses)
+        per_token = torch.zeros(len(responses), R, device=device)
+        if self.likelihood_weight is not None:
+            in_response, logprobs = self._response_logprobs(hidden, idx, lengths, starts)
+            dense = torch.zeros(in_response.shape, device=device)
+            dense[in_response] = logprobs
+            # Response token j of row b is token starts[b] + j, predicted at column starts[b] + j - 1.
+            cols = (starts[:, None] - 1 + torch.arange(R, device=device)[None, :]).clamp(max=dense.shape[1] - 1)
+            per_token = self.likelihood_weight * dense.gather(1, cols)
+            per_token = per_token * (torch.arange(R, device=device)[None, :] < (lengths - starts)[:, None])
+        return head, per_token
 
     def score_responses(self, prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> torch.Tensor:
         """(B,) rewards of token-id responses to token-id prompts, in one right-padded batch."""

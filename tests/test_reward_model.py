@@ -48,6 +48,24 @@ def test_likelihood_term_is_the_language_models_response_log_probability():
         assert not torch.allclose(rm(idx, lengths, starts - 1), want, atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("likelihood", [False, True])
+def test_reward_per_token_splits_the_score_into_the_head_and_each_tokens_likelihood(likelihood):
+    torch.manual_seed(0)
+    lm = Transformer(CFG).eval()
+    prompts, responses, idx, lengths, starts = batch(1)
+    rm = RewardModel.from_language_model(lm, likelihood=likelihood).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(rm.score.weight)
+        if likelihood:
+            rm.likelihood_weight.fill_(0.5)
+        head, per_token = rm.reward_per_token(prompts, responses, pad_id=0)
+        assert per_token.shape == (len(responses), max(len(r) for r in responses))
+        torch.testing.assert_close(head + per_token.sum(-1), rm.score_responses(prompts, responses, 0))
+        logprobs, mask = sequence_logprobs(lm, prompts, responses)
+        want = 0.5 * logprobs * mask if likelihood else torch.zeros_like(logprobs)
+        torch.testing.assert_close(per_token, want, atol=1e-5, rtol=1e-5)
+
+
 def test_likelihood_term_needs_where_responses_start_and_a_tied_head():
     _, _, idx, lengths, _ = batch()
     with pytest.raises(StagewiseError, match="where each response starts"):

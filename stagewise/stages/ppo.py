@@ -9,7 +9,15 @@ GAE (gamma 1, lambda 0.95) over a critic initialised from the reward model, are 
 feed the clipped policy and value losses for several epochs over minibatches (of rollouts of
 similar length, in a shuffled order, with `group_by_length`; the critic's lowest blocks can stay
 the reward model's, `critic_freeze_layers`). The KL coefficient is fixed, or adaptive (Ziegler
-et al., 2019) towards `target_kl`.
+et al., 2019) towards `target_kl`. The policy's learning rate follows `optim`'s schedule over
+all of the run's minibatch steps.
+
+With a reward model that has a likelihood term (a learnt weight times the response's
+log-probability), `likelihood_per_token` gives each token its own part of that term as its
+reward, as the KL penalty is given out, and only the head's score waits for the last token:
+the return is the same, and the critic need not predict where log-probability will be lost.
+With `samples_per_prompt` above 1 an iteration samples each of its prompts several times
+(OpenRLHF's n_samples_per_prompt).
 
 The logged names follow TRL and OpenRLHF: objective/kl, objective/scores,
 objective/rlhf_reward, objective/entropy, policy/clipfrac, policy/approxkl, val/vf_loss,
@@ -40,7 +48,8 @@ from stagewise.model import weights_sha256
 from stagewise.model_dir import load_language_model, load_reward_model, save_model_dir
 from stagewise.reward_model import check_frozen_blocks
 from stagewise.stages import common
-from stagewise.training import MetricsLog, OptimConfig, Progress, make_optimizer, pick_device, seed_everything
+from stagewise.training import (MetricsLog, OptimConfig, Progress, lr_at, make_optimizer, pick_device, seed_everything,
+                                set_lr)
 from stagewise.world import annotator
 from stagewise.world.build import DataConfig, make_world
 
@@ -54,7 +63,8 @@ class PPOConfig:
     critic_freeze_layers: int = 0  # the critic's token embedding and lowest blocks stay the reward model's
     world: DataConfig = field(default_factory=DataConfig)
     iterations: int = 60
-    rollout_batch: int = 64  # prompts per iteration
+    rollout_batch: int = 64  # rollouts per iteration
+    samples_per_prompt: int = 1  # rollouts of each prompt in an iteration (n_samples_per_prompt in OpenRLHF)
     minibatch: int = 16
     ppo_epochs: int = 4
     group_by_length: bool = True  # minibatches of rollouts of similar length: less padding, same rollouts
@@ -71,6 +81,9 @@ class PPOConfig:
     vf_coef: float = 0.1
     whiten_advantages: bool = True
     missing_eos_penalty: float = 1.0
+    # A reward model with a likelihood term: give each response token its part of the term as a
+    # per-token reward (the score's sum is unchanged), instead of all of the score at the last token.
+    likelihood_per_token: bool = False
     checkpoint_every: int = 10  # iterations
     device: str = "auto"
     keep_train_state: bool = False
@@ -108,6 +121,18 @@ def gather_values(critic, prompts: list[list[int]], responses: list[list[int]], 
     start = torch.tensor([len(p) - 1 for p in prompts], device=device)
     cols = (start[:, None] + torch.arange(R, device=device)[None, :]).clamp(max=values.shape[1] - 1)
     return values.gather(1, cols)
+
+
+def token_rewards(kl: torch.Tensor, kl_coef: float, mask: torch.Tensor, last_reward: torch.Tensor,
+                  per_token: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, R) rewards: minus kl_coef times each token's KL term, plus `per_token` (B, R) where
+    given (the reward model's likelihood term, token by token), plus `last_reward` (B,) on each
+    response's last token."""
+    rewards = -kl_coef * kl
+    if per_token is not None:
+        rewards = rewards + per_token
+    rewards[torch.arange(len(rewards)), mask.sum(-1) - 1] += last_reward
+    return rewards
 
 
 def in_length_order(fn, prompts: list[list[int]], responses: list[list[int]], chunk: int):
@@ -168,10 +193,14 @@ def train(cfg: PPOConfig, parent: Path, reward_dir: Path, out: Path, data_files:
     if reward_tokenizer.tk.to_str() != tokenizer.tk.to_str():
         raise StagewiseError(f"{reward_dir}: the reward model's tokenizer differs from {parent}'s")
     prompts_text = load_prompts(cfg, data_files)
-    if len(prompts_text) < cfg.rollout_batch:
-        raise StagewiseError(f"ppo: {len(prompts_text)} prompts, fewer than one rollout batch of {cfg.rollout_batch}")
     if cfg.rollout_batch % cfg.minibatch:
         raise StagewiseError(f"ppo: rollout_batch {cfg.rollout_batch} must be a multiple of minibatch {cfg.minibatch}")
+    if cfg.samples_per_prompt < 1 or cfg.rollout_batch % cfg.samples_per_prompt:
+        raise StagewiseError(f"ppo: rollout_batch {cfg.rollout_batch} must be a multiple of samples_per_prompt "
+                             f"{cfg.samples_per_prompt} (at least 1)")
+    if len(prompts_text) < cfg.rollout_batch // cfg.samples_per_prompt:
+        raise StagewiseError(f"ppo: {len(prompts_text)} prompts, fewer than the "
+                             f"{cfg.rollout_batch // cfg.samples_per_prompt} of one rollout batch")
     try:
         check_frozen_blocks("critic_freeze_layers", cfg.critic_freeze_layers, reward_model.cfg)
     except StagewiseError as e:
@@ -190,7 +219,7 @@ def train(cfg: PPOConfig, parent: Path, reward_dir: Path, out: Path, data_files:
     optimizer = make_optimizer(policy, cfg.optim)
     value_optimizer = torch.optim.AdamW([p for p in critic.parameters() if p.requires_grad], lr=cfg.value_lr,
                                         weight_decay=0.0)
-    batches = IndexBatches(len(prompts_text), cfg.rollout_batch, cfg.seed)
+    batches = IndexBatches(len(prompts_text), cfg.rollout_batch // cfg.samples_per_prompt, cfg.seed)
     prompt_ids = [tokenizer.render_chat([{"role": "user", "content": p}], add_generation_prompt=True)[0]
                   for p in prompts_text]
     stop = [tokenizer.im_end_id, tokenizer.endoftext_id]
@@ -211,7 +240,7 @@ def train(cfg: PPOConfig, parent: Path, reward_dir: Path, out: Path, data_files:
     progress = Progress("ppo", cfg.iterations, start=iteration)
     while iteration < cfg.iterations:
         # 1. Rollouts.
-        index = batches.next()
+        index = [i for i in batches.next() for _ in range(cfg.samples_per_prompt)]
         prompts = [prompt_ids[i] for i in index]
         policy.eval()
         room = policy.cfg.max_seq_len - max(len(p) for p in prompts)
@@ -228,14 +257,20 @@ def train(cfg: PPOConfig, parent: Path, reward_dir: Path, out: Path, data_files:
                 responses, chunk)
             old_values = in_length_order(lambda p, r: gather_values(critic, p, r, tokenizer.pad_id, device),
                                          prompts, responses, chunk)
-            scores = in_length_order(lambda p, r: reward_model.score_responses(p, r, tokenizer.pad_id),
-                                     prompts, responses, chunk)
-            scores = scores - cfg.missing_eos_penalty * (~ended).float()
-            # 2. KL-penalised per-token rewards, the score on each response's last token.
+            penalty = cfg.missing_eos_penalty * (~ended).float()
+            if cfg.likelihood_per_token:
+                last_reward, per_token = in_length_order(
+                    lambda p, r: reward_model.reward_per_token(p, r, tokenizer.pad_id), prompts, responses, chunk)
+                per_token = per_token * mask
+            else:
+                last_reward = in_length_order(lambda p, r: reward_model.score_responses(p, r, tokenizer.pad_id),
+                                              prompts, responses, chunk)
+                per_token = None
+            last_reward = last_reward - penalty
+            scores = last_reward if per_token is None else last_reward + per_token.sum(-1)
+            # 2. KL-penalised per-token rewards.
             kl = kl_per_token(old_logprobs, ref_logprobs) * mask
-            rewards = -kl_ctl.value * kl
-            last = mask.sum(-1) - 1
-            rewards[torch.arange(len(responses)), last] += scores
+            rewards = token_rewards(kl, kl_ctl.value, mask, last_reward, per_token)
             advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
             if cfg.whiten_advantages:
                 advantages = whiten(advantages, mask)
@@ -246,8 +281,11 @@ def train(cfg: PPOConfig, parent: Path, reward_dir: Path, out: Path, data_files:
         lengths = [len(p) + len(r) for p, r in zip(prompts, responses)] if cfg.group_by_length else None
         minibatches = IndexBatches(len(responses), cfg.minibatch, cfg.seed * 1_000_003 + iteration, lengths,
                                    megabatch=len(responses))
-        for _ in range(cfg.ppo_epochs):
-            for _ in range(len(minibatches)):
+        steps_per_iteration = cfg.ppo_epochs * len(minibatches)
+        for epoch in range(cfg.ppo_epochs):
+            for j in range(len(minibatches)):
+                step = (iteration * cfg.ppo_epochs + epoch) * len(minibatches) + j
+                set_lr(optimizer, lr_at(step, cfg.iterations * steps_per_iteration, cfg.optim))
                 mb = minibatches.next()
                 mb_prompts, mb_responses = [prompts[i] for i in mb], [responses[i] for i in mb]
                 R = max(len(r) for r in mb_responses)
@@ -277,6 +315,7 @@ def train(cfg: PPOConfig, parent: Path, reward_dir: Path, out: Path, data_files:
             "iteration": iteration,
             "objective/kl": kl_sum,
             "objective/kl_coef": kl_ctl.value,
+            "lr": optimizer.param_groups[0]["lr"],
             "objective/scores": scores.mean().item(),
             "objective/rlhf_reward": (scores - kl_ctl.value * kl.sum(-1)).mean().item(),
             "objective/entropy": (-old_logprobs * mask).sum(-1).mean().item(),

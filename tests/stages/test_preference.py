@@ -222,3 +222,36 @@ def test_likelihood_term_on_an_untied_model_is_refused_before_anything_is_writte
     with pytest.raises(StagewiseError, match="untied.*likelihood=false"):
         reward.train(config, parent, tmp_path / "reward", **QUIET)
     assert not (tmp_path / "reward").exists()
+
+
+def test_token_rewards_put_the_kl_on_every_token_and_the_score_on_the_last():
+    kl = torch.tensor([[0.5, -0.2, 0.1, 0.0], [0.3, 0.4, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    last = torch.tensor([2.0, -1.0])
+    want = torch.tensor([[-0.05, 0.02, -0.01 + 2.0, 0.0], [-0.03, -0.04 - 1.0, 0.0, 0.0]])
+    torch.testing.assert_close(ppo.token_rewards(kl, 0.1, mask, last), want)
+    per_token = torch.tensor([[-1.0, -2.0, -3.0, 0.0], [-0.5, -0.25, 0.0, 0.0]])
+    rewards = ppo.token_rewards(kl, 0.1, mask, last, per_token)
+    torch.testing.assert_close(rewards, want + per_token)
+    # The return of each response is its score less the KL penalty, however the score is split.
+    torch.testing.assert_close(rewards.sum(-1), last + per_token.sum(-1) - 0.1 * kl.sum(-1))
+
+
+def test_ppo_with_several_samples_per_prompt_per_token_likelihood_and_a_decaying_lr(smoke_sft, smoke_reward,
+                                                                                    smoke_config, tmp_path):
+    config = smoke_config(ppo.PPOConfig, "ppo", "samples_per_prompt=4", "likelihood_per_token=true",
+                          "optim.schedule=cosine", "optim.lr=1e-4", "optim.min_lr_ratio=0.1")
+    assert load_reward_model(smoke_reward)[0].likelihood_weight is not None  # so the per-token path runs
+    out = ppo.train(config, smoke_sft, smoke_reward, tmp_path / "ppo", **QUIET)
+    iterations = [m for m in metrics(out) if "iteration" in m]
+    lrs = [m["lr"] for m in iterations]
+    assert len(lrs) == config.iterations and lrs == sorted(lrs, reverse=True) and lrs[0] < 1e-4 and lrs[-1] >= 1e-5
+    assert weights_sha256(load_language_model(out)[0]) != weights_sha256(load_language_model(smoke_sft)[0])
+
+
+def test_samples_per_prompt_that_do_not_divide_the_rollout_batch_are_refused(smoke_sft, smoke_reward, smoke_config,
+                                                                              tmp_path):
+    with pytest.raises(StagewiseError, match="must be a multiple of samples_per_prompt 3"):
+        ppo.train(smoke_config(ppo.PPOConfig, "ppo", "samples_per_prompt=3"), smoke_sft, smoke_reward,
+                  tmp_path / "p", **QUIET)
+    assert not (tmp_path / "p").exists()
