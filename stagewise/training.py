@@ -30,12 +30,19 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine, linear or constant (after warm-up)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms), as nanoGPT and litgpt do."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig,
+                   lr_scales: dict[torch.nn.Parameter, float] | None = None) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms), as nanoGPT and litgpt do.
+    `lr_scales` gives some parameters a learning rate of their own, the schedule's times a
+    factor, each in a group without weight decay (as nanochat gives its scalars their own lr);
+    `set_lr` keeps the factors."""
+    scaled = {id(p): scale for p, scale in (lr_scales or {}).items()}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in scaled]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups += [{"params": [p], "weight_decay": 0.0, "lr": cfg.lr * scale, "lr_scale": scale}
+               for p, scale in (lr_scales or {}).items() if p.requires_grad]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
@@ -55,8 +62,9 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's lr: `lr` times the group's `lr_scale` (see `make_optimizer`)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def seed_everything(seed: int) -> None:

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from stagewise.training import OptimConfig, lr_at, make_optimizer, matmul_peak_flops, reproducible, train_step
+from stagewise.training import (OptimConfig, lr_at, make_optimizer, matmul_peak_flops, reproducible, set_lr,
+                                train_step)
 
 
 def test_warmup_then_cosine_to_the_floor():
@@ -28,6 +29,23 @@ def test_no_weight_decay_on_norms():
     decay, no_decay = make_optimizer(model, OptimConfig(weight_decay=0.1)).param_groups
     assert [p.dim() for p in decay["params"]] == [2] and decay["weight_decay"] == 0.1
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_some_parameters_can_have_an_lr_of_their_own_that_follows_the_schedule():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), torch.nn.LayerNorm(4, bias=False))
+    norm = model[1].weight
+    optimizer = make_optimizer(model, OptimConfig(lr=1e-3, weight_decay=0.1), {norm: 50.0})
+    groups = optimizer.param_groups
+    assert [g["lr"] for g in groups] == [1e-3, 1e-3, pytest.approx(5e-2)]
+    assert groups[1]["params"] == [] and groups[2]["params"] == [norm] and groups[2]["weight_decay"] == 0.0
+    set_lr(optimizer, 2e-4)
+    assert [g["lr"] for g in groups] == [2e-4, 2e-4, pytest.approx(1e-2)]
+    # Adam's first step moves each parameter by its group's lr (times sign(grad)), and decay.
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(8, 4)).pow(2).sum().backward()
+    optimizer.step()
+    moved = [(p.detach() - b).abs().max().item() for p, b in zip(model.parameters(), before)]
+    assert moved[1] == pytest.approx(1e-2, rel=1e-3) and moved[0] < 3e-4
 
 
 def test_matmul_peak_is_positive():

@@ -10,7 +10,10 @@ feed the clipped policy and value losses for several epochs over minibatches (of
 similar length, in a shuffled order, with `group_by_length`; the critic's lowest blocks can stay
 the reward model's, `critic_freeze_layers`). The KL coefficient is fixed, or adaptive (Ziegler
 et al., 2019) towards `target_kl`. The policy's learning rate follows `optim`'s schedule over
-all of the run's minibatch steps.
+all of the run's minibatch steps, and the final norm's weights can have their own
+(`final_norm_lr_scale`): they set the scale of the logits, so the policy's entropy, and Adam
+moves each of them by about lr a step, a few percent of their size over a run at an lr made for
+the matrices.
 
 With a reward model that has a likelihood term (a learnt weight times the response's
 log-probability), `likelihood_per_token` gives each token its own part of that term as its
@@ -60,6 +63,7 @@ class PPOConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=0, schedule="constant",
                                                                    weight_decay=0.0))
     value_lr: float = 1e-4
+    final_norm_lr_scale: float = 1.0  # the final norm's weights, the logit scale, train at lr times this
     critic_freeze_layers: int = 0  # the critic's token embedding and lowest blocks stay the reward model's
     world: DataConfig = field(default_factory=DataConfig)
     iterations: int = 60
@@ -216,7 +220,7 @@ def train(cfg: PPOConfig, parent: Path, reward_dir: Path, out: Path, data_files:
     critic = copy.deepcopy(reward_model).to(device)
     critic.freeze_bottom(cfg.critic_freeze_layers)
     reward_model = reward_model.to(device).eval().requires_grad_(False)
-    optimizer = make_optimizer(policy, cfg.optim)
+    optimizer = make_optimizer(policy, cfg.optim, {policy.model.norm.weight: cfg.final_norm_lr_scale})
     value_optimizer = torch.optim.AdamW([p for p in critic.parameters() if p.requires_grad], lr=cfg.value_lr,
                                         weight_decay=0.0)
     batches = IndexBatches(len(prompts_text), cfg.rollout_batch // cfg.samples_per_prompt, cfg.seed)
