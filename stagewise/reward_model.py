@@ -67,13 +67,16 @@ class RewardModel(nn.Module):
         """(B, T) right-padded token ids, (B,) real lengths and, for the likelihood term, (B,)
         where each response starts -> (B,) rewards."""
         hidden = self.model(idx)  # (B, T, C)
-        rows = torch.arange(idx.shape[0], device=idx.device)
-        reward = self.score(hidden[rows, lengths - 1]).squeeze(-1)  # (B,)
+        reward = self._head(hidden, lengths)  # (B,)
         if self.likelihood_weight is None:
             return reward
         in_response, logprobs = self._response_logprobs(hidden, idx, lengths, starts)
-        row_of = rows[:, None].expand_as(in_response)[in_response]
+        row_of = in_response.nonzero()[:, 0]
         return reward + self.likelihood_weight * torch.zeros_like(reward).index_add(0, row_of, logprobs)
+
+    def _head(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B,) the head's output at each row's last token."""
+        return self.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]).squeeze(-1)
 
     def _response_logprobs(self, hidden: torch.Tensor, idx: torch.Tensor, lengths: torch.Tensor,
                            starts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,32 +96,27 @@ class RewardModel(nn.Module):
         (B,) the head's score at the last token, and (B, R) the likelihood term of each response
         token (likelihood_weight times its log-probability; zeros without the term, and after a
         response's end), R the longest response."""
-        device = self.score.weight.device
-        sequences = [p + r for p, r in zip(prompts, responses)]
-        idx = pad_right(sequences, pad_id).to(device)
-        lengths = torch.tensor([len(s) for s in sequences], device=device)
-        starts = torch.tensor([len(p) for p in prompts], device=device)
+        idx, lengths, starts = self._token_batch(prompts, responses, pad_id)
         hidden = self.model(idx)
-        rows = torch.arange(idx.shape[0], device=device)
-        head = self.score(hidden[rows, lengths - 1]).squeeze(-1)
-        R = max(len(r) for r in responses)
-        per_token = torch.zeros(len(responses), R, device=device)
+        per_token = torch.zeros(len(responses), max(len(r) for r in responses), device=idx.device)
         if self.likelihood_weight is not None:
             in_response, logprobs = self._response_logprobs(hidden, idx, lengths, starts)
-            dense = torch.zeros(in_response.shape, device=device)
-            dense[in_response] = logprobs
-            # Response token j of row b is token starts[b] + j, predicted at column starts[b] + j - 1.
-            cols = (starts[:, None] - 1 + torch.arange(R, device=device)[None, :]).clamp(max=dense.shape[1] - 1)
-            per_token = self.likelihood_weight * dense.gather(1, cols)
-            per_token = per_token * (torch.arange(R, device=device)[None, :] < (lengths - starts)[:, None])
-        return head, per_token
+            row, col = in_response.nonzero().unbind(1)  # column c predicts token c + 1
+            per_token[row, col + 1 - starts[row]] = self.likelihood_weight * logprobs
+        return self._head(hidden, lengths), per_token
 
     def score_responses(self, prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> torch.Tensor:
         """(B,) rewards of token-id responses to token-id prompts, in one right-padded batch."""
+        return self(*self._token_batch(prompts, responses, pad_id))
+
+    def _token_batch(self, prompts: list[list[int]], responses: list[list[int]],
+                     pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded (B, T) prompt-then-response ids, (B,) their lengths and (B,) where each
+        response starts."""
         device = self.score.weight.device
         sequences = [p + r for p, r in zip(prompts, responses)]
-        return self(pad_right(sequences, pad_id).to(device), torch.tensor([len(s) for s in sequences], device=device),
-                    torch.tensor([len(p) for p in prompts], device=device))
+        return (pad_right(sequences, pad_id).to(device), torch.tensor([len(s) for s in sequences], device=device),
+                torch.tensor([len(p) for p in prompts], device=device))
 
     def config_extra(self, pad_token_id: int) -> dict:
         """config.json keys that make transformers read this as a one-label sequence classifier."""

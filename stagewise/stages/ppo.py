@@ -265,7 +265,6 @@ def train(cfg: PPOConfig, parent: Path, reward_dir: Path, out: Path, data_files:
             if cfg.likelihood_per_token:
                 last_reward, per_token = in_length_order(
                     lambda p, r: reward_model.reward_per_token(p, r, tokenizer.pad_id), prompts, responses, chunk)
-                per_token = per_token * mask
             else:
                 last_reward = in_length_order(lambda p, r: reward_model.score_responses(p, r, tokenizer.pad_id),
                                               prompts, responses, chunk)
