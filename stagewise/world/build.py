@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stagewise.errors import StagewiseError
 from stagewise.world import annotator, corpus, lexicon, tasks
 from stagewise.world.people import ATTRIBUTES, CITIES, JOBS, Person, make_people
 
@@ -56,6 +57,17 @@ class DataConfig:
     task_weights: dict[str, float] = field(default_factory=lambda: {
         "translate_en_fr": 0.6, "translate_fr_en": 0.6, "arithmetic": 0.8, "facts": 0.8, "json_record": 2.0,
         "word_ops": 2.0})
+    # Weight of each kind of pre-training document, relative to their sum, by approximate tokens
+    # (`corpus.MIX`, where the kinds are described); 0 leaves a kind out.
+    corpus_mix: dict[str, float] = field(default_factory=lambda: dict(corpus.MIX))
+
+    def __post_init__(self):
+        unknown = sorted(set(self.corpus_mix) - set(corpus.MIX))
+        if unknown:
+            raise StagewiseError(f"corpus_mix: unknown document kind {unknown[0]!r}; kinds are "
+                                 f"{', '.join(corpus.MIX)}")
+        if any(w < 0 for w in self.corpus_mix.values()) or not any(w > 0 for w in self.corpus_mix.values()):
+            raise StagewiseError("corpus_mix: weights must be 0 or more, and at least one above 0")
 
 
 @dataclass
@@ -333,7 +345,7 @@ def _corpus(world: World, name: str, budget: int) -> list[str]:
         "story": lambda: corpus.story(rng, people, sentence),
     }
     texts, total = [], 0
-    for _, text in corpus.documents(rng, make):
+    for _, text in corpus.documents(rng, make, world.config.corpus_mix):
         texts.append(text)
         total += corpus.approx_tokens(text)
         if total >= budget:

@@ -22,7 +22,8 @@ from stagewise.world import lexicon
 from stagewise.world.people import ATTRIBUTES, Person
 from stagewise.world.tasks import RAMBLE, WORDS
 
-# Token share each kind of document aims at in the corpus (by approximate tokens).
+# Token share each kind of document aims at in the corpus (by approximate tokens): the default of
+# `DataConfig.corpus_mix`.
 MIX = {
     "biography": 0.28,
     "phrase_book": 0.30,
@@ -186,14 +187,16 @@ def story(rng: random.Random, people: Cycle, sentences: Callable[[], lexicon.Sen
     return " ".join(lines[:1]) + "\n" + " ".join(lines[1:])
 
 
-def documents(rng: random.Random, make: dict[str, Callable[[], str]]) -> Iterator[tuple[str, str]]:
-    """An endless stream of (kind, text), kinds drawn so that token shares approach MIX."""
-    kinds = list(MIX)
+def documents(rng: random.Random, make: dict[str, Callable[[], str]],
+              mix: dict[str, float] = MIX) -> Iterator[tuple[str, str]]:
+    """An endless stream of (kind, text), kinds drawn so that token shares approach `mix`'s
+    weights relative to their sum; a kind weighted 0 never comes."""
+    kinds = [k for k in mix if mix[k] > 0]
     produced = {k: 1.0 for k in kinds}
     while True:
         # Pick the kind furthest below its share: keeps the mix exact without knowing lengths.
         total = sum(produced.values())
-        kind = min(kinds, key=lambda k: (produced[k] / total) / MIX[k] + rng.random() * 1e-3)
+        kind = min(kinds, key=lambda k: (produced[k] / total) / mix[k] + rng.random() * 1e-3)
         text = make[kind]()
         produced[kind] += approx_tokens(text)
         yield kind, text

@@ -92,6 +92,47 @@ def test_pretraining_corpus_has_every_kind_of_document(smoke):
         assert marker in text
 
 
+def test_corpus_mix_sets_the_token_share_of_each_kind_of_document():
+    """Each generator's documents make up its weight's share of the corpus (relative to the sum
+    of the weights, by approximate tokens); a kind weighted 0 is left out."""
+    from random import Random
+
+    from stagewise.world import corpus
+
+    def share(mix: dict[str, float]) -> dict[str, float]:
+        make = {kind: (lambda kind=kind: f"{kind} " * (3 + len(kind))) for kind in corpus.MIX}
+        counts: Counter = Counter()
+        for _, (kind, text) in zip(range(4000), corpus.documents(Random(0), make, mix)):
+            counts[kind] += corpus.approx_tokens(text)
+        return {kind: n / sum(counts.values()) for kind, n in counts.items()}
+
+    default = share(corpus.MIX)
+    assert set(default) == set(corpus.MIX)
+    for kind, weight in corpus.MIX.items():
+        assert default[kind] == pytest.approx(weight / sum(corpus.MIX.values()), abs=0.005)
+    mix = {**corpus.MIX, "json_records": 0.2, "story": 0.0}
+    more_records = share(mix)
+    assert "story" not in more_records
+    assert more_records["json_records"] == pytest.approx(0.2 / sum(mix.values()), abs=0.005)
+
+
+def test_corpus_mix_is_a_data_setting_and_bad_kinds_or_weights_are_refused():
+    from stagewise.errors import StagewiseError
+
+    cfg = config.resolve(DataConfig, "data", "smoke", ["corpus_mix.json_records=0.2", "corpus_mix.story=0"])
+    assert cfg.corpus_mix["json_records"] == 0.2 and cfg.corpus_mix["story"] == 0.0
+    smoke_cfg = config.resolve(DataConfig, "data", "smoke", [])
+    pretrain = [r["text"] for r in build.build(cfg)[0]["pretrain"]]
+    default = [r["text"] for r in build.build(smoke_cfg)[0]["pretrain"]]
+    records = [sum(t.count("Record of ") for t in texts) for texts in (pretrain, default)]
+    assert records[0] > 1.5 * records[1]
+    assert not any(t.startswith("A day in ") for t in pretrain) and any(t.startswith("A day in ") for t in default)
+    with pytest.raises(StagewiseError, match="override 'corpus_mix.poems=1': corpus_mix: unknown document kind 'poems'"):
+        config.resolve(DataConfig, "data", None, ["corpus_mix.poems=1"])
+    with pytest.raises(StagewiseError, match="weights must be 0 or more"):
+        config.resolve(DataConfig, "data", None, ["corpus_mix.story=-1"])
+
+
 def test_annotator_agreement_is_the_documented_rate(smoke):
     _, _, agreement = smoke
     print(f"annotator agreement: measured {agreement['measured']:.3f}, expected {agreement['expected']:.3f}")
