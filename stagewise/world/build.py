@@ -222,7 +222,10 @@ def _training_operands(rng: random.Random) -> tuple[int, int]:
 
 
 def _draw_task(rng: random.Random, weights: dict[str, float]) -> str:
-    names = list(weights)
+    # In sorted order, whatever the mapping's: the stages rebuild the world from its config's
+    # JSON with sorted keys (`common.world_data`), `stagewise data` from the config as given, and
+    # both must draw the same prompts.
+    names = sorted(weights)
     return rng.choices(names, [weights[n] for n in names])[0]
 
 

@@ -190,8 +190,9 @@ def story(rng: random.Random, people: Cycle, sentences: Callable[[], lexicon.Sen
 def documents(rng: random.Random, make: dict[str, Callable[[], str]],
               mix: dict[str, float] = MIX) -> Iterator[tuple[str, str]]:
     """An endless stream of (kind, text), kinds drawn so that token shares approach `mix`'s
-    weights relative to their sum; a kind weighted 0 never comes."""
-    kinds = [k for k in mix if mix[k] > 0]
+    weights relative to their sum; a kind weighted 0 never comes. Kinds are taken in MIX's order,
+    whatever the mapping's, so that the same weights always give the same corpus."""
+    kinds = [k for k in MIX if mix.get(k, 0) > 0]
     produced = {k: 1.0 for k in kinds}
     while True:
         # Pick the kind furthest below its share: keeps the mix exact without knowing lengths.

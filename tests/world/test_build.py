@@ -34,6 +34,26 @@ def test_data_command_is_byte_identical_for_a_seed(tmp_path):
     assert (tmp_path / "a" / "eval.jsonl").read_bytes() != (tmp_path / "c" / "eval.jsonl").read_bytes()
 
 
+def test_data_command_writes_the_data_the_stages_train_on(tmp_path, smoke):
+    """The stages rebuild the world in-process from the config's JSON (sorted keys); the files of
+    `stagewise data` are built from the config as given. Mapping settings (task weights, corpus
+    mix) must not draw differently in either order."""
+    from stagewise.stages import common
+
+    cfg, _, _ = smoke
+    subprocess.run([sys.executable, "-m", "stagewise", "data", "--out", str(tmp_path), "--preset", "smoke"],
+                   check=True, capture_output=True)
+    stages = common.world_data(cfg)
+    for file in build.FILES:
+        written = [json.loads(line) for line in (tmp_path / f"{file}.jsonl").read_text().splitlines()]
+        assert written == stages[file], file
+    reordered = config.resolve(DataConfig, "data", "smoke", [])
+    reordered.task_weights = dict(reversed(list(reordered.task_weights.items())))
+    reordered.corpus_mix = dict(reversed(list(reordered.corpus_mix.items())))
+    data = build.build(reordered)[0]
+    assert data["sft"] == stages["sft"] and data["pretrain"] == stages["pretrain"]
+
+
 def test_eval_prompts_absent_from_training_prompts(smoke):
     _, data, _ = smoke
     eval_prompts = {r["prompt"] for r in data["eval"]}
