@@ -136,14 +136,13 @@ def test_corpus_mix_sets_the_token_share_of_each_kind_of_document():
     assert more_records["json_records"] == pytest.approx(0.2 / sum(mix.values()), abs=0.005)
 
 
-def test_corpus_mix_is_a_data_setting_and_bad_kinds_or_weights_are_refused():
+def test_corpus_mix_is_a_data_setting_and_bad_kinds_or_weights_are_refused(smoke):
     from stagewise.errors import StagewiseError
 
     cfg = config.resolve(DataConfig, "data", "smoke", ["corpus_mix.json_records=0.2", "corpus_mix.story=0"])
     assert cfg.corpus_mix["json_records"] == 0.2 and cfg.corpus_mix["story"] == 0.0
-    smoke_cfg = config.resolve(DataConfig, "data", "smoke", [])
     pretrain = [r["text"] for r in build.build(cfg)[0]["pretrain"]]
-    default = [r["text"] for r in build.build(smoke_cfg)[0]["pretrain"]]
+    default = [r["text"] for r in smoke[1]["pretrain"]]
     records = [sum(t.count("Record of ") for t in texts) for texts in (pretrain, default)]
     assert records[0] > 1.5 * records[1]
     assert not any(t.startswith("A day in ") for t in pretrain) and any(t.startswith("A day in ") for t in default)
