@@ -44,7 +44,7 @@ def pairs_from_world(n: int) -> list[dict]:
 def ours(model_dir: Path, pairs: list[dict], batch: int, steps: int) -> float:
     model, tokenizer, _ = load_language_model(model_dir)
     encoded = common.preference_triples(tokenizer, pairs, model.cfg.max_seq_len)
-    ref_chosen, ref_rejected = dpo.reference_logprobs(model, encoded, average=False)
+    ref_chosen, ref_rejected = dpo.reference_logprobs(model, encoded, average=False, amp=None)
     optimizer = make_optimizer(model, OptimConfig(lr=LR, weight_decay=0.0, beta2=0.95))
     model.train()
     start = 0.0

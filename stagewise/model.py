@@ -168,6 +168,21 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
 
 
+def fp32_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden (..., C) -> logits (..., V) = hidden @ weight^T, in fp32 under autocast too. bf16
+    keeps 8 bits of mantissa, so a logit near 10 would be rounded by up to 0.03, and with it
+    the probabilities of the tokens a copy or a name hinges on."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return F.linear(hidden.float(), weight.float())
+
+
+class LMHead(nn.Linear):
+    """The output projection (`lm_head`, named and stored as an `nn.Linear`), in fp32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp32_logits(x, self.weight)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -273,7 +288,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = Decoder(cfg)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.init_weights()

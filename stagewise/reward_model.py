@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from stagewise.batching import pad_right
 from stagewise.errors import StagewiseError
-from stagewise.model import Decoder, ModelConfig, Transformer
+from stagewise.model import Decoder, ModelConfig, Transformer, fp32_logits
 
 ARCHITECTURE = "LlamaForSequenceClassification"
 
@@ -56,12 +56,18 @@ class RewardModel(nn.Module):
             block.requires_grad_(False)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., C) -> (..., V) through the tied token embedding."""
-        return F.linear(hidden, self.model.embed_tokens.weight)
+        """(..., C) -> (..., V) through the tied token embedding, in fp32 as the language model's."""
+        return fp32_logits(hidden, self.model.embed_tokens.weight)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., C) hidden states -> (...) the head's output, in fp32 also under autocast: Bradley-
+        Terry and PPO read differences of rewards, which bf16's 8-bit mantissa would round."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.score(hidden.float()).squeeze(-1)
 
     def values(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T) the head's output at every position."""
-        return self.score(self.model(idx)).squeeze(-1)
+        return self.head(self.model(idx))
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) right-padded token ids, (B,) real lengths and, for the likelihood term, (B,)
@@ -76,7 +82,7 @@ class RewardModel(nn.Module):
 
     def _head(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B,) the head's output at each row's last token."""
-        return self.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]).squeeze(-1)
+        return self.head(hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1])
 
     def _response_logprobs(self, hidden: torch.Tensor, idx: torch.Tensor, lengths: torch.Tensor,
                            starts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -112,7 +112,7 @@ def rewards_from_hidden(reward_model, hidden: torch.Tensor, packed: PackedPairs,
     log-probabilities under the reward model's `lm_logits`, when the caller has them already."""
     last = packed.last  # (2, B)
     rows = torch.arange(hidden.size(0), device=hidden.device)
-    scores = reward_model.score(torch.stack([hidden[rows, last[0]], hidden[rows, last[1]]])).squeeze(-1)  # (2, B)
+    scores = reward_model.head(torch.stack([hidden[rows, last[0]], hidden[rows, last[1]]]))  # (2, B)
     if reward_model.likelihood_weight is not None:
         chosen, rejected = logprobs or logprobs_from_hidden(reward_model.lm_logits, hidden, packed)
         scores = scores + reward_model.likelihood_weight * torch.stack([chosen.sum(-1), rejected.sum(-1)])

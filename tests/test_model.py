@@ -214,12 +214,26 @@ def test_cpu_bf16_autocast_runs_attention_in_fp32(monkeypatch):
 
     monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", recording_sdpa)
     model = tiny_model().train()
+    projected = []
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, out: projected.append(out.dtype))
     idx = torch.randint(0, 300, (2, 16))
     _, loss = model(idx, idx)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, bf16_loss = model(idx, idx)
-    assert logits.dtype == torch.bfloat16  # the matmuls around attention do run in bf16
+    assert projected[-1] == torch.bfloat16  # the matmuls around attention do run in bf16
     assert seen[-1] == (torch.float32, False) and len(seen) == 2 * TINY["n_layer"]
     bf16_loss.backward()
     assert abs(bf16_loss.item() - loss.item()) < 0.05
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+
+
+def test_logits_are_fp32_under_bf16_autocast():
+    model = tiny_model().eval()
+    idx = torch.randint(0, 300, (2, 16))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model.model(idx)
+        logits = model(idx)
+        rounded = F.linear(hidden, model.lm_head.weight)  # a plain Linear under autocast
+    assert logits.dtype == torch.float32 and rounded.dtype == torch.bfloat16
+    torch.testing.assert_close(logits, hidden.float() @ model.lm_head.weight.T, atol=1e-5, rtol=1e-5)
+    assert (rounded.float() - logits).abs().max() > 1e-3

@@ -66,6 +66,20 @@ def test_reward_per_token_splits_the_score_into_the_head_and_each_tokens_likelih
         torch.testing.assert_close(per_token, want, atol=1e-5, rtol=1e-5)
 
 
+def test_the_head_reads_fp32_hidden_states_under_bf16_autocast():
+    torch.manual_seed(0)
+    rm = RewardModel.from_language_model(Transformer(CFG)).eval()
+    torch.nn.init.normal_(rm.score.weight)
+    hidden = torch.randn(3, 7, CFG.n_embd) * 4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rewards = rm.head(hidden)
+        rounded = rm.score(hidden).squeeze(-1)  # what the head alone gives under autocast
+    assert rewards.dtype == torch.float32 and rounded.dtype == torch.bfloat16
+    want = hidden @ rm.score.weight[0]
+    torch.testing.assert_close(rewards, want, atol=1e-5, rtol=1e-5)
+    assert (rounded.float() - want).abs().max() > 1e-3  # bf16 would have rounded the differences Bradley-Terry reads
+
+
 def test_likelihood_term_needs_where_responses_start_and_a_tied_head():
     _, _, idx, lengths, _ = batch()
     with pytest.raises(StagewiseError, match="where each response starts"):

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from stagewise.training import (OptimConfig, lr_at, make_optimizer, matmul_peak_flops, reproducible, set_lr,
-                                train_step)
+from stagewise.training import (OptimConfig, autocast_dtype, lr_at, make_optimizer, matmul_peak_flops, reproducible,
+                                set_lr, train_step)
 
 
 def test_warmup_then_cosine_to_the_floor():
@@ -74,3 +74,23 @@ def test_compiled_training_is_bit_reproducible_on_cpu():
     finally:
         torch.use_deterministic_algorithms(was)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_auto_precision_is_bf16_on_gpus_and_on_cpus_with_bf16_matmuls(monkeypatch):
+    from stagewise import training
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_dtype(cuda, "auto") == torch.bfloat16
+    assert autocast_dtype(cpu, "float32") is None and autocast_dtype(cuda, "float32") is None
+    assert autocast_dtype(cpu, "bfloat16") == torch.bfloat16
+    monkeypatch.setattr(training, "cpu_has_bf16_matmul", lambda: True)
+    assert autocast_dtype(cpu, "auto") == torch.bfloat16
+    monkeypatch.setattr(training, "cpu_has_bf16_matmul", lambda: False)
+    assert autocast_dtype(cpu, "auto") is None
+
+
+def test_an_unknown_precision_is_refused_by_name():
+    from stagewise import config
+    from stagewise.errors import StagewiseError
+    from stagewise.stages.dpo import DPOConfig
+    with pytest.raises(StagewiseError, match="dtype: expected one of 'auto', 'float32', 'bfloat16', got 'fp8'"):
+        config.resolve(DPOConfig, "dpo", None, ["dtype=fp8"])

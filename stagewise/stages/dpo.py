@@ -37,8 +37,8 @@ from stagewise.model import weights_sha256
 from stagewise.model_dir import load_language_model, save_model_dir
 from stagewise.stages import common
 from stagewise.stages import on_policy as on_policy_data
-from stagewise.training import (MetricsLog, OptimConfig, Progress, lr_at, make_optimizer, pick_device,
-                                seed_everything, set_lr)
+from stagewise.training import (MetricsLog, OptimConfig, Precision, Progress, autocast, autocast_dtype, lr_at,
+                                make_optimizer, pick_device, seed_everything, set_lr)
 from stagewise.world.build import DataConfig, make_world
 
 
@@ -66,6 +66,7 @@ class DPOConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     device: str = "auto"
+    dtype: Precision = "auto"  # of the policy's and the reference's forward passes, as pretrain's
     keep_train_state: bool = False
 
 
@@ -85,12 +86,14 @@ def load_pairs(cfg: DPOConfig, data_files: list[Path] | None) -> list[dict]:
     return common.world_data(cfg.world)["preferences"]
 
 
-def pair_logprobs(model, batch: list[tuple[list[int], list[int], list[int]]], average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logprobs(model, batch: list[tuple[list[int], list[int], list[int]]], average: bool,
+                  amp: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) sequence log-probs (B,), summed or averaged over response tokens; each
-    pair's prompt runs once (`shared_prompt`)."""
+    pair's prompt runs once (`shared_prompt`), under autocast to `amp` when given."""
     device = getattr(model, "_orig_mod", model).lm_head.weight.device
     packed = shared_prompt.pack(batch, model.cfg.max_seq_len, device)
-    chosen, rejected = shared_prompt.response_logprobs(model, packed)
+    with autocast(device, amp):
+        chosen, rejected = shared_prompt.response_logprobs(model, packed)
     total = torch.stack([chosen.sum(-1), rejected.sum(-1)])  # (2, B)
     if average:
         total = total / packed.mask.sum(-1).clamp(min=1)
@@ -98,11 +101,14 @@ def pair_logprobs(model, batch: list[tuple[list[int], list[int], list[int]]], av
 
 
 @torch.no_grad()
-def reference_logprobs(model, encoded, average: bool, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_logprobs(model, encoded, average: bool, amp: torch.dtype | None,
+                       batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's log-probs, computed as the policy's are in training (same `amp`), so that
+    the policy starts at a DPO margin of zero."""
     chosen, rejected = [], []
     model.eval()
     for i in range(0, len(encoded), batch_size):
-        c, r = pair_logprobs(model, encoded[i:i + batch_size], average)
+        c, r = pair_logprobs(model, encoded[i:i + batch_size], average, amp)
         chosen.append(c)
         rejected.append(r)
     return torch.cat(chosen).float().cpu(), torch.cat(rejected).float().cpu()
@@ -134,6 +140,7 @@ def train(cfg: DPOConfig, parent: Path, out: Path, data_files: list[Path] | None
 
     seed_everything(cfg.seed)
     model = model.to(device)
+    amp = autocast_dtype(device, cfg.dtype)
     optimizer = make_optimizer(model, cfg.optim)
     state = checkpoint.load_latest(out / common.TRAIN_STATE, warn=log) if mode == "resume" else None
     n_rounds = cfg.on_policy_rounds if on_policy else 1
@@ -173,7 +180,7 @@ def train(cfg: DPOConfig, parent: Path, out: Path, data_files: list[Path] | None
             used = sorted({i for _ in range(round_steps) for i in plan.next()})
             ref_chosen, ref_rejected = torch.zeros(len(encoded)), torch.zeros(len(encoded))
             ref_chosen[used], ref_rejected[used] = reference_logprobs(model, [encoded[i] for i in used],
-                                                                      cfg.loss == "ipo")
+                                                                      cfg.loss == "ipo", amp)
         round_step = 0
         if resuming:
             common.apply_state(state, model, optimizer, batches)
@@ -187,7 +194,7 @@ def train(cfg: DPOConfig, parent: Path, out: Path, data_files: list[Path] | None
         log(f"dpo: {len(encoded):,} preference pairs, {cfg.loss} loss, beta {cfg.beta}; {round_steps} steps of "
             f"{cfg.batch_size} pairs on {device}" + (f" (round {round_index + 1}/{n_rounds})" if on_policy else ""))
         step = run_round(cfg, model, optimizer, encoded, batches, round_state, round_steps, round_step, step,
-                         metrics, out, last=round_index == n_rounds - 1)
+                         metrics, out, amp, last=round_index == n_rounds - 1)
         seen = seen + pairs
 
     final = {"steps": step, "seconds": round(time.time() - t0, 1)}
@@ -205,7 +212,7 @@ def train(cfg: DPOConfig, parent: Path, out: Path, data_files: list[Path] | None
 
 
 def run_round(cfg: DPOConfig, model, optimizer, encoded, batches, round_state: dict, round_steps: int,
-              round_step: int, step: int, metrics: MetricsLog, out: Path, last: bool) -> int:
+              round_step: int, step: int, metrics: MetricsLog, out: Path, amp: torch.dtype | None, last: bool) -> int:
     """DPO steps over one round's pairs against `round_state`'s reference log-probs (the
     learning-rate schedule restarts each round); returns the step count over all rounds."""
     average = cfg.loss == "ipo"
@@ -218,7 +225,7 @@ def run_round(cfg: DPOConfig, model, optimizer, encoded, batches, round_state: d
         lr = lr_at(round_step, round_steps, cfg.optim)
         set_lr(optimizer, lr)
         index = batches.next()
-        chosen, rejected = pair_logprobs(model, [encoded[i] for i in index], average)
+        chosen, rejected = pair_logprobs(model, [encoded[i] for i in index], average, amp)
         rc, rr = ref_chosen[index].to(device), ref_rejected[index].to(device)
         loss = loss_fn(chosen, rejected, rc, rr, cfg.beta)
         nll = None

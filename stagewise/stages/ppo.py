@@ -51,8 +51,8 @@ from stagewise.model import weights_sha256
 from stagewise.model_dir import load_language_model, load_reward_model, save_model_dir
 from stagewise.reward_model import check_frozen_blocks
 from stagewise.stages import common
-from stagewise.training import (MetricsLog, OptimConfig, Progress, lr_at, make_optimizer, pick_device, seed_everything,
-                                set_lr)
+from stagewise.training import (MetricsLog, OptimConfig, Precision, Progress, autocast, autocast_dtype, lr_at,
+                                make_optimizer, pick_device, seed_everything, set_lr)
 from stagewise.world import annotator
 from stagewise.world.build import DataConfig, make_world
 
@@ -90,6 +90,7 @@ class PPOConfig:
     likelihood_per_token: bool = False
     checkpoint_every: int = 10  # iterations
     device: str = "auto"
+    dtype: Precision = "auto"  # of the policy's, reference's and critic's forward passes, as pretrain's
     keep_train_state: bool = False
 
 
@@ -215,6 +216,7 @@ def train(cfg: PPOConfig, parent: Path, reward_dir: Path, out: Path, data_files:
         return out
 
     seed_everything(cfg.seed)
+    amp = autocast_dtype(device, cfg.dtype)
     policy = policy.to(device)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     critic = copy.deepcopy(reward_model).to(device)
@@ -253,14 +255,16 @@ def train(cfg: PPOConfig, parent: Path, reward_dir: Path, out: Path, data_files:
         ended = torch.tensor([r[-1] in stop for r in responses], device=device)
         with torch.no_grad():
             chunk = 2 * cfg.minibatch
-            old_logprobs, mask = in_length_order(
-                lambda p, r: engine.sequence_logprobs(policy, p, r, temperature=cfg.temperature), prompts, responses,
-                chunk)
-            ref_logprobs, _ = in_length_order(
-                lambda p, r: engine.sequence_logprobs(reference, p, r, temperature=cfg.temperature), prompts,
-                responses, chunk)
-            old_values = in_length_order(lambda p, r: gather_values(critic, p, r, tokenizer.pad_id, device),
-                                         prompts, responses, chunk)
+            # The same precision as the minibatches' forward passes, so that the first ratio is 1.
+            with autocast(device, amp):
+                old_logprobs, mask = in_length_order(
+                    lambda p, r: engine.sequence_logprobs(policy, p, r, temperature=cfg.temperature), prompts,
+                    responses, chunk)
+                ref_logprobs, _ = in_length_order(
+                    lambda p, r: engine.sequence_logprobs(reference, p, r, temperature=cfg.temperature), prompts,
+                    responses, chunk)
+                old_values = in_length_order(lambda p, r: gather_values(critic, p, r, tokenizer.pad_id, device),
+                                             prompts, responses, chunk)
             penalty = cfg.missing_eos_penalty * (~ended).float()
             if cfg.likelihood_per_token:
                 last_reward, per_token = in_length_order(
@@ -292,11 +296,12 @@ def train(cfg: PPOConfig, parent: Path, reward_dir: Path, out: Path, data_files:
                 mb = minibatches.next()
                 mb_prompts, mb_responses = [prompts[i] for i in mb], [responses[i] for i in mb]
                 R = max(len(r) for r in mb_responses)
-                logprobs, mb_mask = engine.sequence_logprobs(policy, mb_prompts, mb_responses,
-                                                             temperature=cfg.temperature)
+                with autocast(device, amp):
+                    logprobs, mb_mask = engine.sequence_logprobs(policy, mb_prompts, mb_responses,
+                                                                 temperature=cfg.temperature)
+                    values = gather_values(critic, mb_prompts, mb_responses, tokenizer.pad_id, device)
                 pg_loss, pg_stats = ppo_policy_loss(logprobs, old_logprobs[mb, :R], advantages[mb, :R], mb_mask,
                                                     cfg.clip)
-                values = gather_values(critic, mb_prompts, mb_responses, tokenizer.pad_id, device)
                 vf_loss, vf_stats = ppo_value_loss(values, old_values[mb, :R], returns[mb, :R], mb_mask,
                                                    cfg.value_clip)
                 (pg_loss + cfg.vf_coef * vf_loss).backward()

@@ -23,7 +23,7 @@ from stagewise.model import ModelConfig, Transformer, weights_sha256
 from stagewise.model_dir import save_model_dir
 from stagewise.stages import common
 from stagewise.tokenizer import Tokenizer, train_tokenizer
-from stagewise.training import (MetricsLog, OptimConfig, Progress, Throughput, autocast_dtype, lr_at,
+from stagewise.training import (MetricsLog, OptimConfig, Precision, Progress, Throughput, autocast_dtype, lr_at,
                                 make_optimizer, matmul_peak_flops, reproducible, seed_everything, set_lr,
                                 train_step)
 from stagewise.world.build import DataConfig, make_world
@@ -46,7 +46,7 @@ class PretrainConfig:
     log_every: int = 10
     compile: bool = False
     device: str = "auto"  # auto, cpu, cuda
-    dtype: str = "auto"  # auto (bf16 on GPUs, fp32 on CPUs), float32, bfloat16
+    dtype: Precision = "auto"  # auto: bf16 autocast on GPUs and bf16-capable CPUs (`training.autocast_dtype`)
     keep_train_state: bool = False
 
 

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from stagewise import data, methods, shared_prompt
 from stagewise.batching import IndexBatches
@@ -46,8 +45,8 @@ from stagewise.model import Transformer, weights_sha256
 from stagewise.model_dir import load_language_model, save_model_dir
 from stagewise.reward_model import RewardModel, check_frozen_blocks, check_likelihood
 from stagewise.stages import common
-from stagewise.training import (MetricsLog, OptimConfig, Progress, lr_at, make_optimizer, pick_device,
-                                seed_everything, set_lr)
+from stagewise.training import (MetricsLog, OptimConfig, Precision, Progress, autocast, autocast_dtype, lr_at,
+                                make_optimizer, pick_device, seed_everything, set_lr)
 from stagewise.world.build import DataConfig
 
 
@@ -70,6 +69,7 @@ class RewardConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     device: str = "auto"
+    dtype: Precision = "auto"  # of the training forward passes, as pretrain's
     keep_train_state: bool = False
 
 
@@ -108,7 +108,7 @@ def language_model_head(model: RewardModel, lm: Transformer, device: torch.devic
     embedding when the language model ties its head to it, else through a frozen copy of the
     language model's head."""
     if lm.cfg.tie_embeddings:
-        return lambda hidden: F.linear(hidden, model.model.embed_tokens.weight)
+        return model.lm_logits
     return copy.deepcopy(lm.lm_head).to(device).requires_grad_(False)
 
 
@@ -170,20 +170,22 @@ def train(cfg: RewardConfig, parent: Path, out: Path, data_files: list[Path] | N
 
     metrics = MetricsLog(out / "metrics.jsonl")
     progress = Progress("reward", max_steps, start=step)
+    amp = autocast_dtype(device, cfg.dtype)
     model.train()
     while step < max_steps:
         lr = lr_at(step, max_steps, cfg.optim)
         set_lr(optimizer, lr)
         chunk = [train_pairs[i] for i in batches.next()]
         packed = shared_prompt.pack(chunk, model.cfg.max_seq_len, device)
-        hidden = shared_prompt.hidden_states(model.model, packed)
-        # With the likelihood term, its log-probabilities give GRM's term too: the same tied head.
-        logprobs = shared_prompt.logprobs_from_hidden(lm_head, hidden, packed) if cfg.likelihood else None
-        chosen, rejected = shared_prompt.rewards_from_hidden(model, hidden, packed, logprobs)
-        losses = {"loss": bradley_terry_loss(chosen, rejected, cfg.margin, cfg.center_coef)}
-        if cfg.lm_coef:
-            losses["lm_loss"] = (-logprobs[0].sum() / packed.mask[0].sum() if logprobs
-                                 else chosen_nll(lm_head, hidden, packed))
+        with autocast(device, amp):
+            hidden = shared_prompt.hidden_states(model.model, packed)
+            # With the likelihood term, its log-probabilities give GRM's term too: the same tied head.
+            logprobs = shared_prompt.logprobs_from_hidden(lm_head, hidden, packed) if cfg.likelihood else None
+            chosen, rejected = shared_prompt.rewards_from_hidden(model, hidden, packed, logprobs)
+            losses = {"loss": bradley_terry_loss(chosen, rejected, cfg.margin, cfg.center_coef)}
+            if cfg.lm_coef:
+                losses["lm_loss"] = (-logprobs[0].sum() / packed.mask[0].sum() if logprobs
+                                     else chosen_nll(lm_head, hidden, packed))
         (losses["loss"] + cfg.lm_coef * losses.get("lm_loss", 0.0)).backward()
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)

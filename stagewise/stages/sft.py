@@ -26,7 +26,7 @@ from stagewise.errors import StagewiseError
 from stagewise.model import weights_sha256
 from stagewise.model_dir import load_language_model, save_model_dir
 from stagewise.stages import common
-from stagewise.training import (MetricsLog, OptimConfig, Progress, Throughput, autocast_dtype, lr_at,
+from stagewise.training import (MetricsLog, OptimConfig, Precision, Progress, Throughput, autocast_dtype, lr_at,
                                 make_optimizer, matmul_peak_flops, reproducible, seed_everything, set_lr,
                                 train_step)
 from stagewise.world.build import DataConfig
@@ -50,7 +50,7 @@ class SFTConfig:
     log_every: int = 10
     compile: bool = False
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: Precision = "auto"  # as pretrain's
     keep_train_state: bool = False
 
 
