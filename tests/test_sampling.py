@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stagewise.errors import StagewiseError
-from stagewise.sampling import greedy, sample, top_k_mask, top_p_mask
+from stagewise.sampling import draw, greedy, sample, top_k_mask, top_p_mask
 
 
 def naive_top_k(row: list[float], k: int) -> list[bool]:
@@ -84,6 +84,15 @@ def test_sampled_frequencies_follow_the_tempered_softmax():
     ids = sample(logits.expand(n, 4), t, generator=g)
     freq = torch.bincount(ids, minlength=4).float() / n
     assert (freq - expected).abs().max() < 0.015
+
+
+@pytest.mark.parametrize("u", [0.0, 0.5, 1.0 - 2 ** -24, 1.0])
+def test_a_draw_never_picks_a_token_without_probability(monkeypatch, u):
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0]])
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.full(shape, u, dtype=kw.get("dtype")))
+    ids = draw(probs)
+    assert ids.tolist()[1] == 2 and ids.tolist()[0] in (1, 3)
+    assert ids.tolist()[0] == (1 if u < 0.25 else 3)
 
 
 def test_bad_arguments_raise():

@@ -52,7 +52,7 @@ def test_matmul_peak_is_positive():
     assert matmul_peak_flops(n=128, seconds=0.05) > 1e6
 
 
-def compiled_training_weights(steps: int = 4) -> list[torch.Tensor]:
+def compiled_training_weights(steps: int = 4, amp: torch.dtype | None = None) -> list[torch.Tensor]:
     from stagewise.model import ModelConfig, Transformer
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=96, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, intermediate_size=128, max_seq_len=128)
@@ -62,15 +62,16 @@ def compiled_training_weights(steps: int = 4) -> list[torch.Tensor]:
     for _ in range(steps):
         batch = torch.randint(0, cfg.vocab_size, (16, 129))  # many repeated ids: the embedding gradient sums them
         train_step(train, model, optimizer, batch[:, :-1], batch[:, 1:], grad_accum=1, grad_clip=1.0,
-                   device=torch.device("cpu"), amp=None)
+                   device=torch.device("cpu"), amp=amp)
     return [p.detach().clone() for p in model.parameters()]
 
 
-def test_compiled_training_is_bit_reproducible_on_cpu():
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_training_is_bit_reproducible_on_cpu(amp):
     was = torch.are_deterministic_algorithms_enabled()
     try:
         reproducible(torch.device("cpu"))
-        first, second = compiled_training_weights(), compiled_training_weights()
+        first, second = compiled_training_weights(amp=amp), compiled_training_weights(amp=amp)
     finally:
         torch.use_deterministic_algorithms(was)
     assert all(torch.equal(a, b) for a, b in zip(first, second))

@@ -9,6 +9,8 @@ log-ratios) and rewards/accuracies. Both responses of a pair run in one row behi
 of their prompt (`shared_prompt`). `rpo_alpha` adds the chosen responses' per-token negative
 log-likelihood to the loss (RPO, Pang et al. 2024; TRL's `rpo_alpha`): DPO alone can lower the
 likelihood of chosen and rejected answers together, and the NLL term keeps the chosen ones up.
+`final_norm_lr_scale` gives the final norm's weights, which set the scale of the logits and with
+it the entropy of the policy's samples, a learning rate of their own, as PPO's option does.
 
 Iterative on-policy DPO (`on_policy_rounds`, with the embedded world): fixed pairs written in
 advance show the model other answers' mistakes, not its own. Each round samples the policy's
@@ -50,6 +52,7 @@ class DPOConfig:
     beta: float = 0.1
     loss: str = "sigmoid"  # sigmoid (DPO) or ipo
     rpo_alpha: float = 0.0  # weight of the chosen responses' per-token NLL added to the loss (RPO)
+    final_norm_lr_scale: float = 1.0  # the final norm's weights, the logit scale, train at lr times this (as PPO's)
     batch_size: int = 32  # pairs per step
     group_by_length: bool = True  # batch pairs of similar length: less padding, same data
     epochs: float = 1.0
@@ -141,7 +144,7 @@ def train(cfg: DPOConfig, parent: Path, out: Path, data_files: list[Path] | None
     seed_everything(cfg.seed)
     model = model.to(device)
     amp = autocast_dtype(device, cfg.dtype)
-    optimizer = make_optimizer(model, cfg.optim)
+    optimizer = make_optimizer(model, cfg.optim, {model.model.norm.weight: cfg.final_norm_lr_scale})
     state = checkpoint.load_latest(out / common.TRAIN_STATE, warn=log) if mode == "resume" else None
     n_rounds = cfg.on_policy_rounds if on_policy else 1
     people = make_world(cfg.world).people_by_name if on_policy else None
