@@ -164,7 +164,7 @@ def test_best_of_n_keeps_the_answer_the_reward_model_scores_highest(model_dirs, 
     picked = []
     for rm_dir in reward_dirs:
         code, out, err = run(capsys, "--model", chat, "--best-of", "6", "--reward", rm_dir, "--seed", "5",
-                             "--max-new-tokens", "8", "--json", prompt)
+                             "--temperature", "1.0", "--max-new-tokens", "8", "--json", prompt)
         assert code == 0, err
         result = json.loads(out)
         assert result["methods"] == ["best_of_n"] and result["weights_unchanged"] is True
