@@ -17,6 +17,8 @@ from typing import Literal
 
 import torch
 
+from stagewise.muon import Muon, MuonAdamW
+
 # A training stage's `dtype`: "auto" (see `autocast_dtype`), or fp32 or bf16 autocast throughout.
 Precision = Literal["auto", "float32", "bfloat16"]
 
@@ -32,22 +34,35 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     warmup_steps: int = 50
     schedule: str = "cosine"  # cosine, linear or constant (after warm-up)
+    # > 0: the blocks' weight matrices train with Muon (`stagewise.muon`) at this peak lr, on the
+    # same schedule; the embedding, the norms and any head stay with AdamW at `lr`.
+    muon_lr: float = 0.0
 
 
 def make_optimizer(model: torch.nn.Module, cfg: OptimConfig,
-                   lr_scales: dict[torch.nn.Parameter, float] | None = None) -> torch.optim.AdamW:
+                   lr_scales: dict[torch.nn.Parameter, float] | None = None) -> torch.optim.AdamW | MuonAdamW:
     """AdamW with weight decay on matrices only (not on norms), as nanoGPT and litgpt do.
     `lr_scales` gives some parameters a learning rate of their own, the schedule's times a
     factor, each in a group without weight decay (as nanochat gives its scalars their own lr);
-    `set_lr` keeps the factors."""
+    `set_lr` keeps the factors. With `muon_lr`, see `MuonAdamW`."""
     scaled = {id(p): scale for p, scale in (lr_scales or {}).items()}
-    params = [p for p in model.parameters() if p.requires_grad and id(p) not in scaled]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in scaled]
+    hidden = [p for n, p in named if p.dim() == 2 and ".layers." in f".{n}"] if cfg.muon_lr > 0 else []
+    params = [p for _, p in named if not any(p is h for h in hidden)]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups += [{"params": [p], "weight_decay": 0.0, "lr": cfg.lr * scale, "lr_scale": scale}
                for p, scale in (lr_scales or {}).items() if p.requires_grad]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if not hidden:
+        return adamw
+    # Both decay a weight by lr * weight_decay per step: Muon's decay is scaled so that its
+    # matrices shrink at AdamW's pace, whatever the ratio of the two learning rates.
+    scale = cfg.muon_lr / cfg.lr
+    muon = Muon([{"params": hidden, "lr": cfg.muon_lr, "lr_scale": scale}], lr=cfg.muon_lr,
+                weight_decay=cfg.weight_decay / scale)
+    return MuonAdamW(muon, adamw)
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
