@@ -48,12 +48,14 @@ SAMPLES_PER_PROMPT = 4
 
 def generate_answers(model: Transformer, tokenizer, prompts: list[str], *, chat: bool, system: str | None = None,
                      demonstrations: dict[str, list] | list | None = None, tasks_of: list[str] | None = None,
-                     constraints: list | None = None, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 64,
+                     constraints: list | None = None, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 256,
                      **sampling) -> list[tuple[str, list[int], list[int], bool]]:
     """(text, prompt ids, response ids with the stop token when there is one, stopped) per prompt.
     `demonstrations` is one list for every prompt, or a dict from task family (`tasks_of`) to
     a list; the first demonstrations are left out of a prompt that they would leave no room
-    to answer in. `constraints`: one per prompt (None: free). Batched by prompt length."""
+    to answer in. `constraints`: one per prompt (None: free). Batched by prompt length, 256 at a
+    time: a decoding step costs mostly its operator calls, so at 256 rows 1,198 prompts sampled
+    twice took 7.0-7.6 s against 10.5-11.1 s at 64 (SFT model, default preset, two CPU cores)."""
     rendered = []
     for i, prompt in enumerate(prompts):
         demos = demonstrations.get(tasks_of[i], []) if isinstance(demonstrations, dict) else (demonstrations or [])

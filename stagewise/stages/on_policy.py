@@ -51,6 +51,6 @@ def collect(model, tokenizer, prompts: list[str], people: dict[str, Person], *, 
     """Sample `samples` answers to each of `prompts` from `model` (chat-rendered, batched as
     evaluation batches them) and have the annotator compare them."""
     out = generate_answers(model, tokenizer, [p for p in prompts for _ in range(samples)], chat=True,
-                           max_new_tokens=max_new_tokens, batch_size=256, temperature=temperature, seed=seed)
+                           max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     answers = [[text for text, *_ in out[i * samples:(i + 1) * samples]] for i in range(len(prompts))]
     return label(prompts, answers, people, random.Random(seed))
