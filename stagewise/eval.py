@@ -179,7 +179,10 @@ def kl_to(model: Transformer, reference: Transformer, answers: list[tuple]) -> f
     """Mean over answers of sum_t log model(y_t) - log reference(y_t), for answers sampled from
     the model (from `generate_answers`): a Monte Carlo estimate of KL(model || reference) per
     response, in nats."""
+    # In order of length, so that a chunk has little padding: on 4,800 answers of a PPO model, 7.6 s
+    # against 8.6 s in the given order (and 10.8 s sorted, 256 at a time).
     total = 0.0
+    answers = sorted(answers, key=lambda a: len(a[1]) + len(a[2]))
     for start in range(0, len(answers), 64):
         chunk = answers[start:start + 64]
         prompt_ids, responses = [a[1] for a in chunk], [a[2] or [0] for a in chunk]
