@@ -74,7 +74,9 @@ class Display:
     def progress(self, name, step, total, done, eta, line) -> None:
         self.write(line)
         later = sum(EXPECTED_SECONDS[s] for s in STAGES[self.index:]) * self.scale
-        left = (eta if eta == eta else 0) + later
+        if eta != eta:  # a stage that counts steps it cannot time (the evaluations): its expected share left
+            eta = EXPECTED_SECONDS[self.stage] * self.scale * (1 - done)
+        left = eta + later
         elapsed = time.time() - self.start
         self.show(f"[{self.index}/{len(STAGES)}] {self.stage}: {name} {step}/{total} ({done:.0%}) "
                   f"| {_clock(elapsed)} elapsed, ~{_clock(left)} left")

@@ -1,5 +1,6 @@
 """`stagewise run` end to end on the smoke preset: summary, report, and resume after a kill."""
 
+import io
 import json
 import signal
 import subprocess
@@ -8,7 +9,7 @@ import time
 
 import pytest
 
-from stagewise.run import EVALUATIONS, STAGES
+from stagewise.run import EVALUATIONS, EXPECTED_SECONDS, STAGES, Display
 
 
 def run(*args, **kwargs):
@@ -80,3 +81,13 @@ def test_a_kill_during_training_then_resume_finishes_the_run(tmp_path):
     assert (out / "base" / "lineage.json").read_text() == base_lineage  # pre-training was not redone
     assert "resumed at step" in (out / "logs" / "sft.log").read_text()
     assert json.loads((out / "summary.json").read_text())["models"]["dpo"]
+
+
+def test_time_left_during_the_evaluations_counts_the_evaluations_still_to_run(tmp_path):
+    stream = io.StringIO()
+    display = Display(tmp_path, scale=1.0, stream=stream)
+    display.begin(STAGES.index("eval") + 1, "eval")
+    display.last_print = 0.0  # let the next line through
+    display.progress("eval", 4, 8, 0.5, float("nan"), "4/8 sft")
+    left = EXPECTED_SECONDS["eval"] * 0.5 + EXPECTED_SECONDS["report"]
+    assert f"~{int(left) // 60}m{int(left) % 60:02d}s left" in stream.getvalue().splitlines()[-1]

@@ -46,7 +46,7 @@ class PretrainConfig:
     log_every: int = 10
     compile: bool = False
     device: str = "auto"  # auto, cpu, cuda
-    dtype: Precision = "auto"  # auto: bf16 autocast on GPUs and bf16-capable CPUs (`training.autocast_dtype`)
+    dtype: Precision = "auto"  # auto: bf16 autocast on GPUs, fp32 on CPUs (`training.autocast_dtype`)
     keep_train_state: bool = False
 
 
