@@ -127,8 +127,8 @@ def _metrics(models: dict) -> Section:
     if best:
         parts.append(
             f"sft+best_of_n was evaluated on a subset of the held-out prompts ({_fmt(best.get('n_prompts')) or '?'} "
-            f"of them), keeping the best of n={_fmt(best.get('n')) or '?'} samples by the reward model: its "
-            f"gold_reward is {_fmt(best.get('gold_reward')) or 'not measured'}, beside "
+            f"of them), keeping the best of n={_fmt(best.get('n')) or '?'} samples by the reward model and their "
+            f"likelihood: its gold_reward is {_fmt(best.get('gold_reward')) or 'not measured'}, beside "
             f"{_fmt(best.get('sft_gold_reward_same_prompts')) or 'not measured'} for the SFT model on the same "
             "prompts (sft_gold_reward_same_prompts).")
     per_task = {name: _dict(_dict(models[name]).get("per_task")) for name in _ordered(models)}

@@ -24,7 +24,7 @@ import torch
 from stagewise import config, training
 from stagewise.cli import add_config_arguments
 from stagewise.errors import StagewiseError
-from stagewise.eval import demonstrations_by_task, evaluate_model
+from stagewise.eval import BEST_OF_BETA, demonstrations_by_task, evaluate_model
 from stagewise.model_dir import load_language_model, load_reward_model
 from stagewise.stages import common, dpo, ppo, pretrain, reward, sft
 from stagewise.world.build import DataConfig, write
@@ -161,7 +161,7 @@ def evaluate_all(out: Path, world: DataConfig, say, tick) -> dict:
         # The same prompts answered by the SFT model alone, for a like-for-like comparison.
         own = [s for i, s in enumerate(sft_result["gold_scores"]) if i % BEST_OF_EVERY == 0]
         result["sft_gold_reward_same_prompts"] = sum(own) / len(own)
-        result["n"] = BEST_OF_N
+        result["n"], result["beta"] = BEST_OF_N, BEST_OF_BETA
         return result
 
     run_once("sft+best_of_n", best_of)

@@ -164,7 +164,7 @@ def test_best_of_n_keeps_the_answer_the_reward_model_scores_highest(model_dirs, 
     picked = []
     for rm_dir in reward_dirs:
         code, out, err = run(capsys, "--model", chat, "--best-of", "6", "--reward", rm_dir, "--seed", "5",
-                             "--temperature", "1.0", "--max-new-tokens", "8", "--json", prompt)
+                             "--temperature", "1.0", "--max-new-tokens", "8", "--best-of-beta", "0", "--json", prompt)
         assert code == 0, err
         result = json.loads(out)
         assert result["methods"] == ["best_of_n"] and result["weights_unchanged"] is True
@@ -172,6 +172,29 @@ def test_best_of_n_keeps_the_answer_the_reward_model_scores_highest(model_dirs, 
         assert result["text"] == candidates[scores.index(max(scores))]
         picked.append(result["text"])
     assert picked[0] != picked[1]  # opposite reward models, opposite picks
+
+
+def test_best_of_n_regularised_by_likelihood_keeps_the_likelier_answer(model_dirs, reward_dirs, capsys):
+    from stagewise.eval import answer_logprobs, pick_best, reward_scores
+    from stagewise.model_dir import load_language_model, load_reward_model
+    _, chat = model_dirs
+    lm, tokenizer, _ = load_language_model(chat)
+    prompt = "What is 2 + 3?"
+    candidates = generate.answers(lm.eval(), tokenizer, [prompt] * 6, chat=True, max_new_tokens=8, temperature=1.0,
+                                  seed=5)
+    logprobs = answer_logprobs(lm, [a.prompt for a in candidates], [a.tokens for a in candidates])
+    assert len(set(logprobs)) > 2
+    for rm_dir in reward_dirs:
+        scores = reward_scores(load_reward_model(rm_dir)[0], tokenizer, [prompt] * 6, [a.text for a in candidates])
+        for beta in (0.5, 1000.0):
+            code, out, err = run(capsys, "--model", chat, "--best-of", "6", "--reward", rm_dir, "--seed", "5",
+                                 "--temperature", "1.0", "--max-new-tokens", "8", "--best-of-beta", str(beta),
+                                 "--json", prompt)
+            assert code == 0, err
+            expected = max(range(6), key=lambda i: scores[i] + beta * logprobs[i])
+            assert json.loads(out)["text"] == candidates[expected].text
+        # At a large beta the likeliest answer wins whatever the reward model says.
+        assert pick_best(scores, logprobs, 1000.0) == logprobs.index(max(logprobs))
 
 
 def test_best_of_n_needs_a_reward_model_directory(model_dirs, capsys):
