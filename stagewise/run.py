@@ -33,8 +33,8 @@ STAGES = ("data", "pretrain", "sft", "reward", "ppo", "dpo", "eval", "report")
 EVALUATIONS = ("base", "base+few_shot", "sft", "sft+constrained", "sft+best_of_n", "ppo", "dpo", "reward_model")
 # Seconds each stage is expected to take with the default preset on a 2-core CPU (one default
 # run's, rounded), for the estimate of the time left before a stage has started.
-EXPECTED_SECONDS = {"data": 16, "pretrain": 430, "sft": 175, "reward": 160, "ppo": 165, "dpo": 125, "eval": 95,
-                    "report": 2}
+EXPECTED_SECONDS = {"data": 11, "pretrain": 415, "sft": 160, "reward": 160, "ppo": 155, "dpo": 105, "eval": 85,
+                    "report": 1}
 BEST_OF_N = 8
 BEST_OF_EVERY = 4  # best-of-n is evaluated on every 4th held-out prompt (n times the generations)
 
