@@ -142,12 +142,18 @@ def pick_best(scores: list[float], logprobs: list[float] | None, beta: float) ->
 @torch.no_grad()
 def answer_logprobs(model: Transformer, prompt_ids: list[list[int]], responses: list[list[int]],
                     batch_size: int = 64) -> list[float]:
-    """Each response's summed log-probability given its prompt under `model` at temperature 1."""
-    out = []
-    for start in range(0, len(responses), batch_size):
-        chunk = slice(start, start + batch_size)
-        logp, mask = engine.sequence_logprobs(model, prompt_ids[chunk], [r or [0] for r in responses[chunk]])
-        out += [0.0 if not r else v for r, v in zip(responses[chunk], (logp * mask).sum(-1).tolist())]
+    """Each response's summed log-probability given its prompt under `model` at temperature 1 (0
+    for an empty one). Read in order of length, so that a batch has little padding: on 4,800
+    answers of a PPO model, 7.6 s against 8.6 s in the given order for `kl_to`'s two models (and
+    10.8 s sorted, 256 at a time)."""
+    order = sorted(range(len(responses)), key=lambda i: len(prompt_ids[i]) + len(responses[i]))
+    out = [0.0] * len(responses)
+    for start in range(0, len(order), batch_size):
+        chunk = [i for i in order[start:start + batch_size] if responses[i]]
+        if chunk:
+            logp, mask = engine.sequence_logprobs(model, [prompt_ids[i] for i in chunk], [responses[i] for i in chunk])
+            for i, value in zip(chunk, (logp * mask).sum(-1).tolist()):
+                out[i] = value
     return out
 
 
@@ -209,17 +215,9 @@ def kl_to(model: Transformer, reference: Transformer, answers: list[tuple]) -> f
     """Mean over answers of sum_t log model(y_t) - log reference(y_t), for answers sampled from
     the model (from `generate_answers`): a Monte Carlo estimate of KL(model || reference) per
     response, in nats."""
-    # In order of length, so that a chunk has little padding: on 4,800 answers of a PPO model, 7.6 s
-    # against 8.6 s in the given order (and 10.8 s sorted, 256 at a time).
-    total = 0.0
-    answers = sorted(answers, key=lambda a: len(a[1]) + len(a[2]))
-    for start in range(0, len(answers), 64):
-        chunk = answers[start:start + 64]
-        prompt_ids, responses = [a[1] for a in chunk], [a[2] or [0] for a in chunk]
-        logp, mask = engine.sequence_logprobs(model, prompt_ids, responses)
-        ref_logp, _ = engine.sequence_logprobs(reference, prompt_ids, responses)
-        total += ((logp - ref_logp) * mask).sum().item()
-    return total / len(answers)
+    prompt_ids, responses = [a[1] for a in answers], [a[2] for a in answers]
+    logp, ref_logp = answer_logprobs(model, prompt_ids, responses), answer_logprobs(reference, prompt_ids, responses)
+    return sum(a - b for a, b in zip(logp, ref_logp)) / len(answers)
 
 
 def evaluate_model(model: Transformer, tokenizer, lineage: list[dict] | None, *, world: DataConfig,

@@ -122,3 +122,28 @@ def test_sampled_answers_are_drawn_several_times_per_prompt_and_compared_draw_by
     assert win_rate(better, scores) == pytest.approx(0.5 + 0.5 / len(scores))
     with pytest.raises(StagewiseError, match="baseline"):
         win_rate(scores, scores[:len(subset)])
+
+
+def test_answer_logprobs_keep_the_answers_order_and_kl_to_is_their_mean_difference(smoke_base, smoke_sft):
+    import torch
+
+    from stagewise import engine
+    from stagewise.eval import answer_logprobs, generate_answers, kl_to
+    from stagewise.model_dir import load_language_model
+    sft, tokenizer, _ = load_language_model(smoke_sft)
+    base, _, _ = load_language_model(smoke_base)
+    prompts = ["What is 2 + 3?", "Translate the following sentence into French: Hello.", "Name a city."] * 3
+    answers = generate_answers(sft, tokenizer, prompts, chat=True, max_new_tokens=12, temperature=1.0, seed=3)
+    prompt_ids, responses = [a[1] for a in answers], [a[2] for a in answers]
+    assert len({len(r) for r in responses}) > 1  # lengths differ, so the batches are reordered
+    one_by_one = []
+    with torch.no_grad():
+        for p, r in zip(prompt_ids, responses):
+            logp, mask = engine.sequence_logprobs(sft, [p], [r])
+            one_by_one.append((logp * mask).sum().item())
+    got = answer_logprobs(sft, prompt_ids, responses, batch_size=4)
+    assert got == pytest.approx(one_by_one, abs=1e-4)
+    assert kl_to(sft, sft, answers) == pytest.approx(0.0, abs=1e-6)
+    base_logprobs = answer_logprobs(base, prompt_ids, responses)
+    expected = sum(a - b for a, b in zip(one_by_one, base_logprobs)) / len(answers)
+    assert kl_to(sft, base, answers) == pytest.approx(expected, abs=1e-3) and expected > 0
