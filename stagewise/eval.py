@@ -12,12 +12,13 @@ Inference-time methods apply on top, and the weights are hashed before and after
 they did not change (`weights_unchanged`): few-shot demonstrations and a system prompt
 (prompting), constrained decoding of json_record answers to their schema, and best-of-n
 sampling with a reward model, regularised by the answers' likelihood (`BEST_OF_BETA`). For a
-model with an SFT model in its lineage (or `--sft`), `win_rate_vs_sft` compares the annotator's scores of both models' answers sampled at
-temperature 1 (each policy's own distribution, as PPO samples it; fixed seed), prompt by prompt
-with ties counting half, and `kl_to_sft` estimates KL(model || SFT) per response on those
-samples. Each prompt is answered SAMPLES_PER_PROMPT times and the win rate is the mean over
-those draws: with one draw per prompt, PPO's win rate ranged from 0.611 to 0.637 over four
-seeds (1,198 prompts, default preset); the mean of four draws has half the standard error.
+model with an SFT model in its lineage (or `--sft`), `win_rate_vs_sft` compares the
+annotator's scores of both models' answers sampled at temperature 1 (each policy's own
+distribution, as PPO samples it; fixed seed), prompt by prompt with ties counting half, and
+`kl_to_sft` estimates KL(model || SFT) per response on those samples. Each prompt is answered
+SAMPLES_PER_PROMPT times and the win rate is the mean over those draws: with one draw per
+prompt, PPO's win rate ranged from 0.611 to 0.637 over four seeds (1,198 prompts, default
+preset); the mean of four draws has half the standard error.
 """
 
 from __future__ import annotations
@@ -118,25 +119,27 @@ def _chain(processors: list):
 def best_of_n(model: Transformer, tokenizer, reward_model: RewardModel, prompts: list[str], n: int, *, chat: bool,
               seed: int = 0, beta: float = BEST_OF_BETA, tasks_of: list[str] | None = None, **kwargs) -> list[str]:
     """For each prompt, the one of n sampled answers with the highest reward + beta * log-probability
-    under `model` (`pick_best`)."""
+    under `model` (`regularised_rewards`)."""
     repeated = [p for p in prompts for _ in range(n)]
     repeated_tasks = [t for t in tasks_of for _ in range(n)] if tasks_of else None
     candidates = generate_answers(model, tokenizer, repeated, chat=chat, temperature=BEST_OF_TEMPERATURE, seed=seed,
                                   tasks_of=repeated_tasks, **kwargs)
-    scores = reward_scores(reward_model, tokenizer, repeated, [c[0] for c in candidates])
-    logprobs = answer_logprobs(model, [c[1] for c in candidates], [c[2] for c in candidates]) if beta else None
+    scores = regularised_rewards(model, reward_scores(reward_model, tokenizer, repeated, [c[0] for c in candidates]),
+                                 [c[1] for c in candidates], [c[2] for c in candidates], beta)
     best = []
     for i in range(len(prompts)):
-        window = slice(i * n, (i + 1) * n)
-        best.append(candidates[i * n + pick_best(scores[window], logprobs[window] if beta else None, beta)][0])
+        window = scores[i * n:(i + 1) * n]
+        best.append(candidates[i * n + window.index(max(window))][0])
     return best
 
 
-def pick_best(scores: list[float], logprobs: list[float] | None, beta: float) -> int:
-    """The index of the candidate with the highest score + beta * log-probability (the score alone
-    when beta is 0)."""
-    totals = [s + beta * lp for s, lp in zip(scores, logprobs)] if beta else scores
-    return totals.index(max(totals))
+def regularised_rewards(model: Transformer, rewards: list[float], prompt_ids: list[list[int]],
+                        responses: list[list[int]], beta: float) -> list[float]:
+    """reward + beta * each response's log-probability under `model`, what best-of-n maximises
+    (the rewards alone, and no forward pass, when beta is 0)."""
+    if not beta:
+        return rewards
+    return [r + beta * lp for r, lp in zip(rewards, answer_logprobs(model, prompt_ids, responses))]
 
 
 @torch.no_grad()

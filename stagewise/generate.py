@@ -10,9 +10,10 @@ Inference-time methods stack on any model: `--system` (system prompt), `--few-sh
 `--json-schema FILE`, `--regex RE` or `--choice A,B,...` (stagewise/constrained.py); `--layout
 world` shows a base model the embedded world's own page for the prompt. `--best-of N --reward
 DIR` samples N answers (at temperature 0.7 unless `--temperature` says otherwise) and prints the
-one with the highest reward plus `--best-of-beta` times its log-probability under the model. Each run hashes the weights (the reward model's too) before
-and after; `--json` prints the answer with that check (`weights_unchanged`), the methods applied
-and whether a constrained answer is complete.
+one with the highest reward plus `--best-of-beta` times its log-probability under the model.
+Each run hashes the weights (the reward model's too) before and after; `--json` prints the
+answer with that check (`weights_unchanged`), the methods applied and whether a constrained
+answer is complete.
 Without `--json` only the answer is printed, and a run that changed the weights (a bug) is an
 error.
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from stagewise import constrained, engine, methods, prompting
 from stagewise.errors import StagewiseError
-from stagewise.eval import BEST_OF_BETA, BEST_OF_TEMPERATURE, answer_logprobs, pick_best, reward_scores
+from stagewise.eval import BEST_OF_BETA, BEST_OF_TEMPERATURE, regularised_rewards, reward_scores
 from stagewise.model import Transformer
 from stagewise.model_dir import load_model_dir, load_reward_model
 from stagewise.tokenizer import Tokenizer
@@ -137,7 +138,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--best-of", type=int, default=0, metavar="N",
                         help="sample N answers and keep the one the reward model scores highest (method best_of_n)")
     parser.add_argument("--best-of-beta", type=float, default=BEST_OF_BETA, metavar="BETA",
-                        help="the pick maximises reward + BETA * log-probability under the model (0: the reward alone)")
+                        help="the pick maximises reward + BETA * log-probability under the model "
+                             "(0: the reward alone)")
     parser.add_argument("--reward", type=Path, default=None, metavar="DIR", help="reward model directory, for --best-of")
     parser.add_argument("--temperature", type=float, default=None,
                         help=f"0 is greedy (the default), {BEST_OF_TEMPERATURE} with --best-of")
@@ -175,9 +177,10 @@ def command(args: argparse.Namespace) -> int:
                              top_p=args.top_p, seed=args.seed)
         if reward_model is None:
             return candidates[0]
-        scores = reward_scores(reward_model, tokenizer, [args.prompt] * len(candidates), [a.text for a in candidates])
-        logprobs = answer_logprobs(model, [a.prompt for a in candidates], [a.tokens for a in candidates])
-        return candidates[pick_best(scores, logprobs, args.best_of_beta)]
+        rewards = reward_scores(reward_model, tokenizer, [args.prompt] * len(candidates), [a.text for a in candidates])
+        scores = regularised_rewards(model, rewards, [a.prompt for a in candidates], [a.tokens for a in candidates],
+                                     args.best_of_beta)
+        return candidates[scores.index(max(scores))]
 
     weights = [model] + ([reward_model] if reward_model is not None else [])
     answer, unchanged = methods.run_inference_method(weights, run)

@@ -175,7 +175,7 @@ def test_best_of_n_keeps_the_answer_the_reward_model_scores_highest(model_dirs, 
 
 
 def test_best_of_n_regularised_by_likelihood_keeps_the_likelier_answer(model_dirs, reward_dirs, capsys):
-    from stagewise.eval import answer_logprobs, pick_best, reward_scores
+    from stagewise.eval import answer_logprobs, reward_scores
     from stagewise.model_dir import load_language_model, load_reward_model
     _, chat = model_dirs
     lm, tokenizer, _ = load_language_model(chat)
@@ -194,7 +194,7 @@ def test_best_of_n_regularised_by_likelihood_keeps_the_likelier_answer(model_dir
             expected = max(range(6), key=lambda i: scores[i] + beta * logprobs[i])
             assert json.loads(out)["text"] == candidates[expected].text
         # At a large beta the likeliest answer wins whatever the reward model says.
-        assert pick_best(scores, logprobs, 1000.0) == logprobs.index(max(logprobs))
+        assert json.loads(out)["text"] == candidates[logprobs.index(max(logprobs))].text
 
 
 def test_best_of_n_needs_a_reward_model_directory(model_dirs, capsys):
